@@ -1,0 +1,34 @@
+"""hybrid_jax: mixed- and low-precision training with hybrid optimizers in JAX."""
+
+from hybrid_jax import precision, tree
+from hybrid_jax.precision import (
+    DynamicLossScale,
+    NoOpLossScale,
+    Policy,
+    PrecisionRules,
+    StaticLossScale,
+    all_finite,
+    cast_to_compute,
+    cast_to_output,
+    cast_to_param,
+    select_tree,
+)
+from hybrid_jax.tree import UnusedRuleWarning
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DynamicLossScale",
+    "NoOpLossScale",
+    "Policy",
+    "PrecisionRules",
+    "StaticLossScale",
+    "UnusedRuleWarning",
+    "all_finite",
+    "cast_to_compute",
+    "cast_to_output",
+    "cast_to_param",
+    "precision",
+    "select_tree",
+    "tree",
+]

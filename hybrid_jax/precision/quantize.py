@@ -1,0 +1,136 @@
+"""Scaled quantization to fp8 and int8, and the straight-through quantize-dequantize cast.
+
+A bare ``astype`` to fp8 is unusable for weights: e4m3 has no values between 0 and 2^-9 and
+only a few subnormals below 2^-6, so weights of typical size (std 0.02) lose most of their bits
+or flush to zero, while the cast does not saturate (``float8_e4m3fn(1e3)`` is NaN). Here every
+tensor is first multiplied by a per-tensor scale chosen so that its largest finite magnitude lands
+on the format's largest value (amax scaling, as in Micikevicius et al. 2022 and Transformer
+Engine), clipped to the format's range, and cast.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hybrid_jax.precision import dtypes
+
+
+def _check_quantized(dtype) -> np.dtype:
+    dtype = dtypes.parse_dtype(dtype)
+    if dtype not in dtypes.QUANTIZED:
+        raise ValueError(
+            f"quantization targets fp8 (e4m3, e5m2) or int8, got {dtypes.short_name(dtype)}"
+        )
+    return dtype
+
+
+def _work_dtype(x: jax.Array) -> np.dtype:
+    # Scale and round in at least fp32: a bf16 product x * scale would round before the cast.
+    return np.dtype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def amax_scale(x: jax.Array, dtype) -> jax.Array:
+    """The per-tensor scale that maps ``x``'s largest finite magnitude onto ``dtype``'s maximum.
+
+    Non-finite values are left out of the amax. An all-zero (or all non-finite) tensor gets scale
+    1, and the scale is capped at fp32's largest finite value so that tiny tensors stay finite.
+
+    Args:
+      x: a floating array.
+      dtype: the target format (fp8 or int8, by name or dtype).
+
+    Returns:
+      A scalar fp32 (fp64 for fp64 input) scale: ``format_max / amax(x)``.
+    """
+    dtype = _check_quantized(dtype)
+    work = _work_dtype(x)
+    magnitude = jnp.abs(x.astype(work))
+    amax = jnp.max(jnp.where(jnp.isfinite(magnitude), magnitude, 0), initial=0)
+    fmax = np.asarray(dtypes.format_max(dtype), work)
+    scale = jnp.minimum(fmax / jnp.where(amax > 0, amax, fmax), np.finfo(work).max)
+    return scale.astype(work)
+
+
+def quantize(x: jax.Array, dtype, scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Quantizes ``x`` to fp8 or int8 with a per-tensor scale; values saturate at the format's max.
+
+    Args:
+      x: a floating array.
+      dtype: ``"e4m3"``, ``"e5m2"`` or ``"int8"`` (any accepted name, or the dtype).
+      scale: the scale to use; by default :func:`amax_scale` of ``x``.
+
+    Returns:
+      ``(q, scale)``: ``q`` in ``dtype`` with ``x ≈ q / scale``. int8 rounds half to even and uses
+      the symmetric range [-127, 127]. Non-finite inputs give meaningless ``q``; see
+      :func:`quantize_dequantize`, which passes them through.
+
+    Examples:
+      >>> q, scale = quantize(jnp.array([0.02, -0.01, 0.0]), "e4m3")
+      >>> q.dtype, float(scale)
+      (dtype(float8_e4m3fn), 22400.0)
+    """
+    dtype = _check_quantized(dtype)
+    work = _work_dtype(x)
+    if scale is None:
+        scale = amax_scale(x, dtype)
+    fmax = dtypes.format_max(dtype)
+    scaled = jnp.clip(x.astype(work) * scale.astype(work), -fmax, fmax)
+    if dtype == dtypes.INT8:
+        scaled = jnp.round(scaled)
+    return scaled.astype(dtype), scale
+
+
+def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
+    """Returns ``q / scale`` in ``dtype`` (computed in fp32, rounded once to ``dtype``)."""
+    work = np.dtype(jnp.promote_types(scale.dtype, jnp.float32))
+    return (q.astype(work) / scale.astype(work)).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def quantize_dequantize(x: jax.Array, dtype, carrier_dtype=jnp.bfloat16) -> jax.Array:
+    """Rounds ``x`` onto the grid of a scaled fp8 or int8 format, with a straight-through gradient.
+
+    The forward pass is ``dequantize(*quantize(x, dtype), carrier_dtype)``: the values a scaled
+    low-bit tensor can hold, carried in a wider dtype (bf16 by default) so that ordinary XLA ops
+    consume them; on Hopper GPUs XLA rewrites such quantize-dequantize-dot patterns into fp8
+    GEMMs. Non-finite inputs pass through unchanged so that a finite check downstream still sees
+    them. The gradient is the identity (straight-through estimator), cast to ``x``'s dtype.
+
+    Args:
+      x: a floating array.
+      dtype: the quantized format: ``"e4m3"``, ``"e5m2"`` or ``"int8"``.
+      carrier_dtype: the dtype of the result.
+
+    Returns:
+      An array of ``carrier_dtype`` and ``x``'s shape.
+
+    Examples:
+      >>> w = jnp.array([0.02, -0.0007, 0.0131, 0.05])
+      >>> quantize_dequantize(w, "e4m3", jnp.float32)
+      Array([ 0.01964286, -0.00072545,  0.01339286,  0.05      ], dtype=float32)
+      >>> w.astype(jnp.float8_e4m3fn).astype(jnp.float32)  # a bare cast flushes -0.0007 to zero
+      Array([ 0.01953125, -0.        ,  0.01367188,  0.05078125], dtype=float32)
+
+    References:
+      Micikevicius et al., 2022, `FP8 Formats for Deep Learning
+      <https://arxiv.org/abs/2209.05433>`_.
+    """
+    q, scale = quantize(x, dtype)
+    y = dequantize(q, scale, carrier_dtype)
+    return jnp.where(jnp.isfinite(x), y, x.astype(carrier_dtype))
+
+
+def _qdq_fwd(x, dtype, carrier_dtype):
+    return quantize_dequantize(x, dtype, carrier_dtype), jnp.zeros((0,), x.dtype)
+
+
+def _qdq_bwd(dtype, carrier_dtype, like, g):
+    del dtype, carrier_dtype
+    return (g.astype(like.dtype),)
+
+
+quantize_dequantize.defvjp(_qdq_fwd, _qdq_bwd)

@@ -1,0 +1,256 @@
+"""Leaf paths and path rules: the one matcher shared by precision, optimizer and merge rules.
+
+A leaf's path is its keys joined by ``/``: a dict key as ``str(key)``, a sequence index as its
+number, an attribute as its name. Flax NNX keeps each array in the ``value`` attribute of a
+``Variable``; that last step is dropped, so NNX ``State`` gives the same strings as its own keys
+(``blocks/0/attn/qkv/kernel``).
+
+A rule list is an ordered sequence of ``(pattern, value)`` pairs. Each pattern is a regular
+expression matched with :func:`re.search` against the path, and the **first** rule that matches a
+leaf decides it. ``re.search`` finds a match anywhere in the path, so ``"w"`` matches
+``"ln_f/weight"``: anchor patterns (``r"(^|/)w$"``) when that matters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+import jax
+
+V = TypeVar("V")
+
+_NO_DEFAULT: Any = object()
+_MAX_LISTED = 20
+
+
+class UnusedRuleWarning(UserWarning):
+    """A rule decided no leaf: it matches nothing, or only leaves an earlier rule took."""
+
+
+def key_str(key: Any) -> str:
+    """The path component of one JAX key-path entry (dict key, index or attribute)."""
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def path_str(keypath: Sequence[Any]) -> str:
+    """Joins a JAX key path into a ``/``-separated string.
+
+    Args:
+      keypath: a key path as given by :func:`jax.tree_util.tree_flatten_with_path`.
+
+    Returns:
+      The path string, e.g. ``"blocks/0/mlp/fc/kernel"``.
+    """
+    keys = list(keypath)
+    # Flax NNX Variables hold their array in `.value`; drop that step so NNX State paths read
+    # like the State's own keys.
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]
+    return "/".join(key_str(k) for k in keys)
+
+
+def leaves_with_paths(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
+    """Flattens ``tree`` into ``[(path, leaf), ...]`` in leaf order, and its treedef."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return [(path_str(kp), leaf) for kp, leaf in flat], treedef
+
+
+def tree_paths(tree: Any) -> Any:
+    """A tree shaped like ``tree`` whose leaves are the leaves' path strings.
+
+    Examples:
+      >>> tree_paths({"blocks": [{"w": 1.0}], "ln_f": {"scale": 2.0}})
+      {'blocks': [{'w': 'blocks/0/w'}], 'ln_f': {'scale': 'ln_f/scale'}}
+    """
+    flat, treedef = leaves_with_paths(tree)
+    return jax.tree_util.tree_unflatten(treedef, [path for path, _ in flat])
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule(Generic[V]):
+    """One compiled ``(pattern, value)`` pair."""
+
+    pattern: str
+    value: V
+    regex: re.Pattern = dataclasses.field(compare=False, repr=False)
+
+
+def compile_rules(rules: Sequence[tuple[str, V]], *, kind: str = "rule") -> tuple[Rule[V], ...]:
+    """Checks and compiles an ordered rule list.
+
+    Args:
+      rules: ``[(pattern, value), ...]``, each pattern a regular expression.
+      kind: what the rules are called in error messages (``"precision rule"``, ...).
+
+    Returns:
+      A tuple of :class:`Rule`.
+
+    Raises:
+      TypeError: ``rules`` is not a sequence of pairs, or a pattern is not a string.
+      ValueError: a pattern is not a valid regular expression.
+    """
+    if isinstance(rules, (str, bytes, dict)) or not isinstance(rules, Sequence):
+        raise TypeError(
+            f"{kind}s must be an ordered list of (pattern, value) pairs, got "
+            f"{type(rules).__name__}: {rules!r:.200}"
+        )
+    compiled = []
+    for i, item in enumerate(rules):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise TypeError(f"{kind} {i} must be a (pattern, value) pair, got {item!r:.200}")
+        pattern, value = item
+        if not isinstance(pattern, str):
+            raise TypeError(
+                f"{kind} {i}: the pattern must be a string (a regular expression), "
+                f"got {type(pattern).__name__}: {pattern!r:.200}"
+            )
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(
+                f"{kind} {i}: pattern {pattern!r} is not a valid regular expression: {e}"
+            ) from None
+        compiled.append(Rule(pattern, value, regex))
+    return tuple(compiled)
+
+
+def match_indices(
+    rules: Sequence[Rule],
+    paths: Sequence[str],
+    *,
+    has_default: bool,
+    strict: bool = False,
+    kind: str = "rule",
+) -> list[int]:
+    """For each path, the index of the first rule that matches it (``-1``: the default).
+
+    Args:
+      rules: compiled rules, from :func:`compile_rules`.
+      paths: the leaves' path strings.
+      has_default: whether leaves that no rule matches may fall back on a default.
+      strict: make unused rules, and leaves matched by more than one rule, errors.
+      kind: what the rules are called in messages.
+
+    Returns:
+      One rule index per path, ``-1`` for a leaf left to the default.
+
+    Raises:
+      ValueError: a leaf no rule matches and there is no default; under ``strict``, a rule that
+        decides no leaf, or a leaf that several rules match.
+
+    Warns:
+      UnusedRuleWarning: a rule that decides no leaf (when not ``strict``).
+    """
+    chosen, unmatched, overlaps = [], [], []
+    matched_any = [False] * len(rules)
+    for path in paths:
+        hits = [i for i, rule in enumerate(rules) if rule.regex.search(path)]
+        for i in hits:
+            matched_any[i] = True
+        if not hits:
+            unmatched.append(path)
+        if len(hits) > 1:
+            overlaps.append((path, hits))
+        chosen.append(hits[0] if hits else -1)
+
+    if unmatched and not has_default:
+        raise ValueError(
+            f"{len(unmatched)} leaf/leaves match no {kind} and no default was given:\n"
+            + _listing(unmatched)
+            + f"\n{kind} patterns, in order: {[r.pattern for r in rules]}"
+            + "\nAdd a rule that matches them, or pass default=."
+        )
+
+    used = set(chosen)
+    problems = []
+    for i, rule in enumerate(rules):
+        if i in used:
+            continue
+        if matched_any[i]:
+            problems.append(
+                f"{kind} {i} ({rule.pattern!r}) matches only leaves that earlier rules take "
+                "(first match wins), so it decides nothing"
+            )
+        else:
+            problems.append(f"{kind} {i} ({rule.pattern!r}) matches no leaf (a typo?)")
+    if strict and overlaps:
+        for path, hits in overlaps[:_MAX_LISTED]:
+            patterns = ", ".join(f"{kind} {i} ({rules[i].pattern!r})" for i in hits)
+            problems.append(f"leaf {path!r} matches {patterns}; the first wins")
+    if problems:
+        message = "\n".join(problems)
+        if strict:
+            raise ValueError(
+                message + "\n(strict=True: every rule must decide a leaf and no leaf may match "
+                "two rules; use default= for a catch-all)"
+            )
+        warnings.warn(message, UnusedRuleWarning, stacklevel=3)
+    return chosen
+
+
+def assign(
+    rules: Sequence[tuple[str, V]] | Sequence[Rule[V]],
+    tree: Any,
+    *,
+    default: V = _NO_DEFAULT,
+    strict: bool = False,
+    kind: str = "rule",
+) -> Any:
+    """A tree shaped like ``tree`` holding, per leaf, the value of the first rule matching its path.
+
+    Args:
+      rules: ``[(pattern, value), ...]`` in priority order, or rules from :func:`compile_rules`.
+      tree: any pytree (dicts, lists, tuples, NamedTuples, registered dataclasses, Flax NNX State).
+      default: the value of leaves no rule matches; without it such leaves are an error.
+      strict: make a rule that decides no leaf, or a leaf that two rules match, an error.
+      kind: what the rules are called in messages.
+
+    Returns:
+      A pytree with ``tree``'s structure whose leaves are rule values.
+
+    Examples:
+      >>> assign([(r"embed", "adamw"), (r"kernel$", "muon")],
+      ...        {"embed": 0.0, "fc": {"kernel": 0.0, "bias": 0.0}}, default="adam")
+      {'embed': 'adamw', 'fc': {'bias': 'adam', 'kernel': 'muon'}}
+    """
+    compiled = _as_compiled(rules, kind)
+    flat, treedef = leaves_with_paths(tree)
+    indices = match_indices(
+        compiled,
+        [path for path, _ in flat],
+        has_default=default is not _NO_DEFAULT,
+        strict=strict,
+        kind=kind,
+    )
+    values = [default if i < 0 else compiled[i].value for i in indices]
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def map_with_path(fn: Callable[[str, Any], Any], tree: Any, *rest: Any) -> Any:
+    """Like :func:`jax.tree_util.tree_map`, but ``fn`` also receives each leaf's path string."""
+    return jax.tree_util.tree_map_with_path(lambda kp, *xs: fn(path_str(kp), *xs), tree, *rest)
+
+
+def _as_compiled(rules, kind):
+    if isinstance(rules, tuple) and all(isinstance(r, Rule) for r in rules):
+        return rules
+    return compile_rules(rules, kind=kind)
+
+
+def _listing(items: Sequence[str]) -> str:
+    shown = "\n".join(f"  {item}" for item in items[:_MAX_LISTED])
+    if len(items) > _MAX_LISTED:
+        shown += f"\n  ... and {len(items) - _MAX_LISTED} more"
+    return shown
