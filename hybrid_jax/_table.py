@@ -43,7 +43,7 @@ class Table:
     def __post_init__(self):
         for row in (*self.rows, *([self.total] if self.total else [])):
             if len(row) != len(self.columns):
-                raise ValueError(f"row {row!r} has {len(row)} cells for {len(self.columns)} columns")
+                raise ValueError(f"row {row!r} has {len(row)} cells, not {len(self.columns)}")
 
     def column(self, name: str) -> list[Any]:
         """The values of one column, in row order."""
@@ -57,7 +57,9 @@ class Table:
     def __str__(self) -> str:
         body = self._text_rows()
         widths = [max(len(r[i]) for r in [self.columns, *body]) for i in range(len(self.columns))]
-        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+        line = lambda cells: "  ".join(
+            c.ljust(w) for c, w in zip(cells, widths, strict=True)
+        ).rstrip()
         rule = "  ".join("-" * w for w in widths)
         lines = [line(self.columns), rule, *(line(r) for r in body[: len(self.rows)])]
         if self.total:

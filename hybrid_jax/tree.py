@@ -167,7 +167,8 @@ def match_indices(
 
     if unmatched and not has_default:
         raise ValueError(
-            f"{len(unmatched)} leaf/leaves match no {kind} and no default was given:\n"
+            f"{_count(unmatched, 'leaf', 'leaves')} match no {kind} and no default was "
+            "given:\n"
             + _listing(unmatched)
             + f"\n{kind} patterns, in order: {[r.pattern for r in rules]}"
             + "\nAdd a rule that matches them, or pass default=."
@@ -247,6 +248,10 @@ def _as_compiled(rules, kind):
     if isinstance(rules, tuple) and all(isinstance(r, Rule) for r in rules):
         return rules
     return compile_rules(rules, kind=kind)
+
+
+def _count(items: Sequence[Any], one: str, many: str) -> str:
+    return f"{len(items)} {one if len(items) == 1 else many}"
 
 
 def _listing(items: Sequence[str]) -> str:

@@ -1,4 +1,4 @@
-"""Per-parameter precision: dtypes, ``Policy``, ``PrecisionRules``, casts, loss scaling, quantization."""
+"""Per-parameter precision: dtypes, Policy, PrecisionRules, casts, loss scaling, quantization."""
 
 from hybrid_jax.precision.dtypes import ACCEPTED_NAMES, parse_dtype
 from hybrid_jax.precision.loss_scale import (

@@ -87,6 +87,15 @@ def short_name(dtype: np.dtype) -> str:
     return _NAMES[np.dtype(dtype)][0]
 
 
+def at_least_f32(dtype) -> np.dtype:
+    """``dtype`` promoted with fp32: fp64 stays, every narrower float becomes fp32.
+
+    Spelled out rather than left to ``jnp.promote_types``, which refuses mixed float widths under
+    ``jax_numpy_dtype_promotion="strict"``.
+    """
+    return FLOAT64 if np.dtype(dtype) == FLOAT64 else FLOAT32
+
+
 def format_max(dtype: np.dtype) -> float:
     """The largest finite magnitude a quantized format holds: 448 (e4m3), 57344 (e5m2), 127."""
     dtype = np.dtype(dtype)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hybrid_jax.precision import dtypes
 from hybrid_jax.tree import path_str
 
 T = TypeVar("T")
@@ -35,7 +36,7 @@ def _scale_leaf(x: Any, factor: jax.Array) -> Any:
         return x  # integer/bool leaves and float0 cotangents carry no gradient to scale
     # Promote explicitly, as jmp's implicit `x * scale` does (f16 * f32 -> f32), so this also
     # runs under jax_numpy_dtype_promotion="strict".
-    dtype = jnp.promote_types(x.dtype, factor.dtype)
+    dtype = dtypes.at_least_f32(x.dtype)
     return x.astype(dtype) * factor.astype(dtype)
 
 
@@ -158,8 +159,10 @@ class DynamicLossScale:
             raise ValueError(f"factor must be > 1, got {self.factor!r}")
         if self.backoff is not None and not 0 < self.backoff < 1:
             raise ValueError(f"backoff must be in (0, 1), got {self.backoff!r}")
-        concrete = [isinstance(getattr(self, f), np.ndarray) for f in ("loss_scale",
-                    "min_loss_scale", "max_loss_scale")]
+        concrete = [
+            isinstance(getattr(self, f), np.ndarray)
+            for f in ("loss_scale", "min_loss_scale", "max_loss_scale")
+        ]
         if all(concrete):
             if not np.isfinite(self.loss_scale) or self.loss_scale <= 0:
                 raise ValueError(f"loss_scale must be finite and > 0, got {self.loss_scale}")
@@ -242,7 +245,7 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def select_tree(pred: jax.Array, a: T, b: T) -> T:
-    """Picks ``a`` where ``pred`` is true, else ``b``, for whole trees (``jax.lax.select`` per leaf).
+    """Picks ``a`` where ``pred`` is true, else ``b``, for whole trees (``lax.select`` per leaf).
 
     Args:
       pred: a scalar boolean.

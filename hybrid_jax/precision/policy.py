@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.precision import dtypes
@@ -47,7 +48,7 @@ def cast_floating(tree: T, dtype: np.dtype, carrier_dtype: np.dtype = dtypes.BFL
 
 def cast_leaf(x: Any, dtype: np.dtype, carrier_dtype: np.dtype = dtypes.BFLOAT16) -> Any:
     """Casts one leaf as :func:`cast_floating` does."""
-    if not (_is_array(x) and np.issubdtype(x.dtype, np.floating)):
+    if not (_is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)):
         return x  # integers, booleans, Python scalars and None are left alone, as in jmp
     if dtype in dtypes.QUANTIZED:
         return quantize_dequantize(x, dtype, carrier_dtype)

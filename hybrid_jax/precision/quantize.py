@@ -28,16 +28,12 @@ def _check_quantized(dtype) -> np.dtype:
     return dtype
 
 
-def _work_dtype(x: jax.Array) -> np.dtype:
-    # Scale and round in at least fp32: a bf16 product x * scale would round before the cast.
-    return np.dtype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 def amax_scale(x: jax.Array, dtype) -> jax.Array:
     """The per-tensor scale that maps ``x``'s largest finite magnitude onto ``dtype``'s maximum.
 
     Non-finite values are left out of the amax. An all-zero (or all non-finite) tensor gets scale
-    1, and the scale is capped at fp32's largest finite value so that tiny tensors stay finite.
+    1, and the scale is capped at fp32's largest finite value so that it stays finite: a tensor
+    whose largest magnitude is an fp32 subnormal (below 1.2e-38) may quantize to zero.
 
     Args:
       x: a floating array.
@@ -47,7 +43,7 @@ def amax_scale(x: jax.Array, dtype) -> jax.Array:
       A scalar fp32 (fp64 for fp64 input) scale: ``format_max / amax(x)``.
     """
     dtype = _check_quantized(dtype)
-    work = _work_dtype(x)
+    work = dtypes.at_least_f32(x.dtype)
     magnitude = jnp.abs(x.astype(work))
     amax = jnp.max(jnp.where(jnp.isfinite(magnitude), magnitude, 0), initial=0)
     fmax = np.asarray(dtypes.format_max(dtype), work)
@@ -74,7 +70,8 @@ def quantize(x: jax.Array, dtype, scale: jax.Array | None = None) -> tuple[jax.A
       (dtype(float8_e4m3fn), 22400.0)
     """
     dtype = _check_quantized(dtype)
-    work = _work_dtype(x)
+    # Scale and round in at least fp32: a bf16 product x * scale would round before the cast.
+    work = dtypes.at_least_f32(x.dtype)
     if scale is None:
         scale = amax_scale(x, dtype)
     fmax = dtypes.format_max(dtype)
@@ -86,7 +83,7 @@ def quantize(x: jax.Array, dtype, scale: jax.Array | None = None) -> tuple[jax.A
 
 def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
     """Returns ``q / scale`` in ``dtype`` (computed in fp32, rounded once to ``dtype``)."""
-    work = np.dtype(jnp.promote_types(scale.dtype, jnp.float32))
+    work = dtypes.at_least_f32(scale.dtype)
     return (q.astype(work) / scale.astype(work)).astype(dtype)
 
 

@@ -1,4 +1,4 @@
-"""Per-parameter precision: path rules that give each leaf a ``Policy``, and the casts they drive."""
+"""Per-parameter precision: path rules that give each leaf a Policy, and the casts they drive."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax import tree as tree_lib
@@ -101,12 +102,14 @@ class PrecisionRules:
         """
         flat, indices, _ = self._indices(tree)
         rows, total_size, total_bytes = [], 0, 0
-        for (path, leaf), index in zip(flat, indices):
+        for (path, leaf), index in zip(flat, indices, strict=True):
             shape, leaf_dtype = tuple(np.shape(leaf)), np.dtype(leaf.dtype)
             policy = self._policy(index)
-            if np.issubdtype(leaf_dtype, np.floating):
-                names = [dtypes.short_name(d) for d in
-                         (policy.param_dtype, policy.compute_dtype, policy.output_dtype)]
+            if jnp.issubdtype(leaf_dtype, jnp.floating):
+                names = [
+                    dtypes.short_name(d)
+                    for d in (policy.param_dtype, policy.compute_dtype, policy.output_dtype)
+                ]
                 stored = policy.param_dtype
             else:
                 names, stored = [leaf_dtype.name] * 3, leaf_dtype
@@ -126,7 +129,7 @@ Precision = Policy | PrecisionRules | str | Any
 
 
 def plan(tree: Any, precision: Precision) -> Any:
-    """The per-leaf plan of ``precision`` for ``tree``: a tree of ``Policy`` shaped like ``tree``."""
+    """The plan of ``precision`` for ``tree``: a tree of ``Policy`` shaped like ``tree``."""
     if isinstance(precision, (Policy, str)):
         policy = Policy.parse(precision)
         return jax.tree_util.tree_map(lambda _: policy, tree)
@@ -141,8 +144,10 @@ def _cast(tree: T, precision: Precision, field: str) -> T:
         return cast_floating(tree, getattr(policy, field), policy.carrier_dtype)
     policies = plan(tree, precision)
     is_policy = lambda x: isinstance(x, Policy)
-    plan_paths = [tree_lib.path_str(kp) for kp, _ in
-                  jax.tree_util.tree_flatten_with_path(policies, is_leaf=is_policy)[0]]
+    plan_paths = [
+        tree_lib.path_str(kp)
+        for kp, _ in jax.tree_util.tree_flatten_with_path(policies, is_leaf=is_policy)[0]
+    ]
     tree_paths = [path for path, _ in tree_lib.leaves_with_paths(tree)[0]]
     if plan_paths != tree_paths:
         missing = sorted(set(tree_paths) - set(plan_paths))[:5]
@@ -153,7 +158,9 @@ def _cast(tree: T, precision: Precision, field: str) -> T:
             "policies)"
         )
     return jax.tree_util.tree_map(
-        lambda p, x: cast_leaf(x, getattr(p, field), p.carrier_dtype), policies, tree,
+        lambda p, x: cast_leaf(x, getattr(p, field), p.carrier_dtype),
+        policies,
+        tree,
         is_leaf=is_policy,
     )
 
