@@ -3,12 +3,31 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 # The cheapest guard against silent upcasts: an implicit f32 * bf16 is an error under test.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "standard_promotion: run under JAX's standard dtype promotion, for tests that step Optax "
+        "optimizers (optax.adam's bias correction mixes int32 and float, which strict refuses)",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _promotion(request):
+    # Doctests are examples a user pastes, so they run as a user runs them: standard promotion.
+    standard = isinstance(request.node, pytest.DoctestItem) or request.node.get_closest_marker(
+        "standard_promotion"
+    )
+    with jax.numpy_dtype_promotion("standard" if standard else "strict"):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _doctest_names(doctest_namespace):
-    doctest_namespace.update(jax=jax, jnp=jnp, np=np)
+    doctest_namespace.update(jax=jax, jnp=jnp, np=np, optax=optax)

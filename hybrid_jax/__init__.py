@@ -1,6 +1,6 @@
 """hybrid_jax: mixed- and low-precision training with hybrid optimizers in JAX."""
 
-from hybrid_jax import precision, tree
+from hybrid_jax import optim, precision, tree
 from hybrid_jax.precision import (
     DynamicLossScale,
     NoOpLossScale,
@@ -28,6 +28,7 @@ __all__ = [
     "cast_to_compute",
     "cast_to_output",
     "cast_to_param",
+    "optim",
     "precision",
     "select_tree",
     "tree",

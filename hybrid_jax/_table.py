@@ -10,10 +10,12 @@ from typing import Any
 
 def format_bytes(n: int) -> str:
     """``1536`` -> ``'1.5 KiB'``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    value = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
         if abs(value) < 1024 or unit == "GiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+            return f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
 
@@ -30,50 +32,53 @@ def _cell(value: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Table:
-    """Rows of values under named columns, with an optional total row.
+    """Rows of values under named columns, with footer rows (per-group lines, a total).
 
-    ``rows`` keep the raw values (ints, tuples, dtypes) for programs; ``str()`` and the notebook
-    rendering format them.
+    ``rows`` and ``footer`` keep the raw values (ints, tuples) for programs; ``str()`` and the
+    notebook rendering format them.
     """
 
     columns: tuple[str, ...]
     rows: tuple[tuple[Any, ...], ...]
-    total: tuple[Any, ...] | None = None
+    footer: tuple[tuple[Any, ...], ...] = ()
 
     def __post_init__(self):
-        for row in (*self.rows, *([self.total] if self.total else [])):
+        for row in (*self.rows, *self.footer):
             if len(row) != len(self.columns):
                 raise ValueError(f"row {row!r} has {len(row)} cells, not {len(self.columns)}")
 
     def column(self, name: str) -> list[Any]:
-        """The values of one column, in row order."""
+        """The values of one column, in row order (footer rows left out)."""
         i = self.columns.index(name)
         return [row[i] for row in self.rows]
 
-    def _text_rows(self) -> list[Sequence[str]]:
-        rows = [[_cell(v) for v in row] for row in self.rows]
-        return rows + ([[_cell(v) for v in self.total]] if self.total else [])
+    @staticmethod
+    def _text(rows: Sequence[tuple[Any, ...]]) -> list[list[str]]:
+        return [[_cell(v) for v in row] for row in rows]
 
     def __str__(self) -> str:
-        body = self._text_rows()
-        widths = [max(len(r[i]) for r in [self.columns, *body]) for i in range(len(self.columns))]
-        line = lambda cells: "  ".join(
-            c.ljust(w) for c, w in zip(cells, widths, strict=True)
-        ).rstrip()
+        body, foot = self._text(self.rows), self._text(self.footer)
+        widths = [
+            max(len(r[i]) for r in [self.columns, *body, *foot]) for i in range(len(self.columns))
+        ]
+
+        def line(cells):
+            return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
         rule = "  ".join("-" * w for w in widths)
-        lines = [line(self.columns), rule, *(line(r) for r in body[: len(self.rows)])]
-        if self.total:
-            lines += [rule, line(body[-1])]
+        lines = [line(self.columns), rule, *map(line, body)]
+        if foot:
+            lines += [rule, *map(line, foot)]
         return "\n".join(lines)
 
     __repr__ = __str__
 
     def _repr_html_(self) -> str:
-        esc = lambda cells, tag: "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells)
-        body = self._text_rows()
-        rows = "".join(f"<tr>{esc(r, 'td')}</tr>" for r in body[: len(self.rows)])
-        foot = f"<tfoot><tr>{esc(body[-1], 'th')}</tr></tfoot>" if self.total else ""
-        return (
-            f"<table><thead><tr>{esc(self.columns, 'th')}</tr></thead>"
-            f"<tbody>{rows}</tbody>{foot}</table>"
-        )
+        def cells(row, tag):
+            return "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)
+
+        head = cells(self.columns, "th")
+        rows = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in self._text(self.rows))
+        foot = "".join(f"<tr>{cells(r, 'th')}</tr>" for r in self._text(self.footer))
+        foot = f"<tfoot>{foot}</tfoot>" if foot else ""
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody>{foot}</table>"

@@ -93,10 +93,10 @@ def test_summary_lists_every_leaf_with_bytes_at_rest_and_a_total(gpt_tree):
     embed_row = table.rows[paths.index("tok_embed/embedding")]
     n_embed = 11 * 8 + 6 * 8
     n_total = sum(x.size for x in jax.tree_util.tree_leaves(gpt_tree))
-    assert table.total[2] == n_total
+    assert table.footer[-1][2] == n_total
     # Embeddings at rest in bf16 (2 bytes), the rest in f32 (4 bytes).
     expected_bytes = 2 * n_embed + 4 * (n_total - n_embed)
-    assert table.total[-1] == f"{expected_bytes / 1024:.1f} KiB"
+    assert table.footer[-1][-1] == f"{expected_bytes / 1024:.1f} KiB"
     assert embed_row[3:] == ("embed", "bf16", "bf16", "bf16", "176 B")
     text, html = str(table), table._repr_html_()
     assert text.splitlines()[0].split() == list(table.columns)

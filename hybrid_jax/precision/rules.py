@@ -120,7 +120,7 @@ class PrecisionRules:
             rows.append((path, shape, size, rule, *names, format_bytes(nbytes)))
         columns = ("path", "shape", "size", "rule", "param", "compute", "output", "bytes")
         total = ("total", "", total_size, "", "", "", "", format_bytes(total_bytes))
-        return Table(columns, tuple(rows), total)
+        return Table(columns, tuple(rows), (total,))
 
 
 Precision = Policy | PrecisionRules | str | Any
