@@ -21,13 +21,18 @@ from hybrid_jax.tree import path_str
 T = TypeVar("T")
 
 
-def _f32(x: Any) -> Any:
-    # Python and NumPy numbers become fp32 arrays, so that the state's avals never change between
-    # steps (a weak-typed Python float would retrace the step once). Tracers and the placeholders
-    # JAX passes while unflattening are left alone.
+def _as_array(x: Any, dtype=jnp.float32) -> Any:
+    # Python and NumPy numbers become device arrays, so that the state's avals (and arguments'
+    # kinds: a NumPy leaf and a jax.Array leaf are cached apart) never change between steps and
+    # the step compiles once. Tracers and the placeholders JAX passes while unflattening are left
+    # alone.
     if isinstance(x, (int, float, np.number, np.ndarray)):
-        return np.asarray(x, np.float32)
+        return jnp.asarray(x, dtype)
     return x
+
+
+def _concrete(x: Any) -> bool:
+    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
 
 
 def _scale_leaf(x: Any, factor: jax.Array) -> Any:
@@ -78,7 +83,7 @@ class StaticLossScale:
     loss_scale: jax.Array
 
     def __post_init__(self):
-        object.__setattr__(self, "loss_scale", _f32(self.loss_scale))
+        object.__setattr__(self, "loss_scale", _as_array(self.loss_scale))
 
     def scale(self, tree: T) -> T:
         """Multiplies every floating leaf by the loss scale."""
@@ -109,8 +114,9 @@ class DynamicLossScale:
             loss_scale = max(min_loss_scale, loss_scale / factor)  # or loss_scale * backoff
 
     Every field is a pytree leaf or static metadata, so the whole state, floor included, survives
-    ``jax.jit``, ``lax.scan`` and checkpoints. Numbers given to the constructor become fp32 arrays
-    (the counter int32).
+    ``jax.jit``, ``lax.scan`` and checkpoints. Numbers given to the constructor become fp32 device
+    arrays (the counter int32), so a state built from Python numbers and one returned by a jitted
+    step hit the same compiled step.
 
     Defaults are jmp's: ``period=2000``, ``factor=2``, ``min_loss_scale=1``; the initial scale is
     yours to give (jmp and Keras use 2^15). :meth:`grad_scaler` gives PyTorch's ``GradScaler``
@@ -139,37 +145,32 @@ class DynamicLossScale:
     """
 
     loss_scale: jax.Array
-    counter: jax.Array = dataclasses.field(default_factory=lambda: np.zeros((), np.int32))
+    counter: jax.Array = 0
     period: int = dataclasses.field(default=2000, metadata={"static": True})
     factor: int = dataclasses.field(default=2, metadata={"static": True})
-    min_loss_scale: jax.Array = dataclasses.field(default_factory=lambda: np.ones((), np.float32))
-    max_loss_scale: jax.Array = dataclasses.field(
-        default_factory=lambda: np.asarray(np.inf, np.float32)
-    )
+    min_loss_scale: jax.Array = 1.0
+    max_loss_scale: jax.Array = float("inf")
     backoff: float | None = dataclasses.field(default=None, metadata={"static": True})
 
     def __post_init__(self):
         for field in ("loss_scale", "min_loss_scale", "max_loss_scale"):
-            object.__setattr__(self, field, _f32(getattr(self, field)))
-        if isinstance(self.counter, (int, np.integer)):
-            object.__setattr__(self, "counter", np.asarray(self.counter, np.int32))
+            object.__setattr__(self, field, _as_array(getattr(self, field)))
+        object.__setattr__(self, "counter", _as_array(self.counter, jnp.int32))
         if not (isinstance(self.period, int) and self.period >= 1):
             raise ValueError(f"period must be a positive int, got {self.period!r}")
         if not self.factor > 1:
             raise ValueError(f"factor must be > 1, got {self.factor!r}")
         if self.backoff is not None and not 0 < self.backoff < 1:
             raise ValueError(f"backoff must be in (0, 1), got {self.backoff!r}")
-        concrete = [
-            isinstance(getattr(self, f), np.ndarray)
-            for f in ("loss_scale", "min_loss_scale", "max_loss_scale")
-        ]
-        if all(concrete):
-            if not np.isfinite(self.loss_scale) or self.loss_scale <= 0:
-                raise ValueError(f"loss_scale must be finite and > 0, got {self.loss_scale}")
-            if not self.min_loss_scale <= self.loss_scale <= self.max_loss_scale:
+        fields = ("loss_scale", "min_loss_scale", "max_loss_scale")
+        if all(_concrete(getattr(self, f)) for f in fields):
+            scale, low, high = (float(getattr(self, f)) for f in fields)
+            if not np.isfinite(scale) or scale <= 0:
+                raise ValueError(f"loss_scale must be finite and > 0, got {scale}")
+            if not low <= scale <= high:
                 raise ValueError(
                     f"need min_loss_scale <= loss_scale <= max_loss_scale, got "
-                    f"{self.min_loss_scale} <= {self.loss_scale} <= {self.max_loss_scale}"
+                    f"{low} <= {scale} <= {high}"
                 )
 
     @classmethod
