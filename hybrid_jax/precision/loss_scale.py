@@ -22,17 +22,15 @@ T = TypeVar("T")
 
 
 def _as_array(x: Any, dtype=jnp.float32) -> Any:
-    # Python and NumPy numbers become device arrays, so that the state's avals (and arguments'
-    # kinds: a NumPy leaf and a jax.Array leaf are cached apart) never change between steps and
-    # the step compiles once. Tracers and the placeholders JAX passes while unflattening are left
-    # alone.
-    if isinstance(x, (int, float, np.number, np.ndarray)):
+    # Python/NumPy numbers and concrete arrays become strongly typed device arrays of `dtype`, so
+    # that the state's avals (and arguments' kinds: a NumPy leaf and a jax.Array leaf are cached
+    # apart; so are weak and strong types) never change between steps and the step compiles
+    # once. Tracers and the placeholders JAX passes while unflattening are left alone.
+    if isinstance(x, (int, float, np.number, np.ndarray)) or (
+        isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+    ):
         return jnp.asarray(x, dtype)
     return x
-
-
-def _concrete(x: Any) -> bool:
-    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
 
 
 def _scale_leaf(x: Any, factor: jax.Array) -> Any:
@@ -40,7 +38,9 @@ def _scale_leaf(x: Any, factor: jax.Array) -> Any:
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         return x  # integer/bool leaves and float0 cotangents carry no gradient to scale
     # Promote explicitly, as jmp's implicit `x * scale` does (f16 * f32 -> f32), so this also
-    # runs under jax_numpy_dtype_promotion="strict".
+    # runs under jax_numpy_dtype_promotion="strict". Complex leaves keep their dtype.
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return x * factor.astype(x.dtype)
     dtype = dtypes.at_least_f32(x.dtype)
     return x.astype(dtype) * factor.astype(dtype)
 
@@ -153,7 +153,12 @@ class DynamicLossScale:
     backoff: float | None = dataclasses.field(default=None, metadata={"static": True})
 
     def __post_init__(self):
-        for field in ("loss_scale", "min_loss_scale", "max_loss_scale"):
+        fields = ("loss_scale", "min_loss_scale", "max_loss_scale")
+        # Only numbers a user wrote are checked: JAX rebuilds this class from arrays in
+        # tree_map, unflatten and restore (zeros_like of a state must not raise).
+        given = [getattr(self, f) for f in fields]
+        numbers = all(isinstance(x, (int, float, np.number)) for x in given)
+        for field in fields:
             object.__setattr__(self, field, _as_array(getattr(self, field)))
         object.__setattr__(self, "counter", _as_array(self.counter, jnp.int32))
         if not (isinstance(self.period, int) and self.period >= 1):
@@ -162,9 +167,8 @@ class DynamicLossScale:
             raise ValueError(f"factor must be > 1, got {self.factor!r}")
         if self.backoff is not None and not 0 < self.backoff < 1:
             raise ValueError(f"backoff must be in (0, 1), got {self.backoff!r}")
-        fields = ("loss_scale", "min_loss_scale", "max_loss_scale")
-        if all(_concrete(getattr(self, f)) for f in fields):
-            scale, low, high = (float(getattr(self, f)) for f in fields)
+        if numbers:
+            scale, low, high = (float(x) for x in given)
             if not np.isfinite(scale) or scale <= 0:
                 raise ValueError(f"loss_scale must be finite and > 0, got {scale}")
             if not low <= scale <= high:
@@ -185,7 +189,10 @@ class DynamicLossScale:
 
         ``GradScaler`` grows on the ``growth_interval``-th finite step in a row (as jmp does),
         multiplies by ``backoff_factor`` on a non-finite step, and has no floor. A recipe ported
-        from PyTorch gets the same scale trajectory.
+        from PyTorch gets the same scale trajectory, bit for bit, when the factors are powers of
+        two (the defaults). Otherwise it can drift by an ulp: PyTorch multiplies the fp32 scale
+        by a double ``backoff_factor`` and rounds once, while here the factor is rounded to fp32
+        first (JAX computes in fp32 unless x64 is enabled).
         """
         return cls(
             init_scale,
