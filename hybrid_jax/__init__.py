@@ -1,6 +1,6 @@
 """hybrid_jax: mixed- and low-precision training with hybrid optimizers in JAX."""
 
-from hybrid_jax import optim, precision, tree
+from hybrid_jax import losses, optim, precision, train, tree
 from hybrid_jax.precision import (
     DynamicLossScale,
     NoOpLossScale,
@@ -13,6 +13,7 @@ from hybrid_jax.precision import (
     cast_to_param,
     select_tree,
 )
+from hybrid_jax.train import TrainState, make_train_step
 from hybrid_jax.tree import UnusedRuleWarning
 
 __version__ = "0.1.0"
@@ -23,13 +24,17 @@ __all__ = [
     "Policy",
     "PrecisionRules",
     "StaticLossScale",
+    "TrainState",
     "UnusedRuleWarning",
     "all_finite",
     "cast_to_compute",
     "cast_to_output",
     "cast_to_param",
+    "losses",
+    "make_train_step",
     "optim",
     "precision",
     "select_tree",
+    "train",
     "tree",
 ]

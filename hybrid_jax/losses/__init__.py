@@ -1,0 +1,20 @@
+"""Multi-loss training: LM loss terms, weightings (fixed, scheduled, adaptive), gradient mixing."""
+
+from hybrid_jax.losses.adaptive import DWA, DWAState, Uncertainty
+from hybrid_jax.losses.mixing import PCGrad, Sum, gram_matrix, term_gradients
+from hybrid_jax.losses.terms import cross_entropy, z_loss
+from hybrid_jax.losses.weighting import Weighted, Weighting
+
+__all__ = [
+    "DWA",
+    "DWAState",
+    "PCGrad",
+    "Sum",
+    "Uncertainty",
+    "Weighted",
+    "Weighting",
+    "cross_entropy",
+    "gram_matrix",
+    "term_gradients",
+    "z_loss",
+]
