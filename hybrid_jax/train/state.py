@@ -99,7 +99,11 @@ class TrainState:
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=optimizer.init(params),
-            loss_scale=loss_scale if loss_scale is not None else NoOpLossScale(),
+            # A copy: the step donates the state, which must not delete the caller's loss scale
+            # (often the same object also handed to make_train_step or to the next create).
+            loss_scale=jax.tree_util.tree_map(jnp.copy, loss_scale)
+            if loss_scale is not None
+            else NoOpLossScale(),
             rng=rng,
             weight_params=weight_params,
             weight_opt_state=weight_opt_state,
