@@ -39,8 +39,8 @@ def muon_adamw_rules(
 ) -> list[tuple[str, optax.GradientTransformation]]:
     """The rules of :func:`muon_adamw`, to read, edit and pass to :func:`by_path`.
 
-    In order: embeddings and the output head get AdamW; norm gains and biases get Adam without
-    weight decay; the hidden 2-D weight matrices of the transformer blocks get Muon. A leaf that
+    In order: embeddings and the output head (one rule) get AdamW; norm gains and biases get
+    Adam without weight decay; the hidden 2-D weight matrices of the transformer blocks get Muon. A leaf that
     none of them matches is an error, so a new kind of parameter is never optimized by accident.
     The patterns are :data:`EMBEDDING`, :data:`HEAD`, :data:`GAIN_OR_BIAS` and
     :data:`HIDDEN_MATRIX`; which leaf is which is decided by path, not by ``ndim`` (an embedding
@@ -68,8 +68,8 @@ def muon_adamw_rules(
     muon_lr = learning_rate if muon_learning_rate is None else muon_learning_rate
     adamw = optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay, mu_dtype=mu_dtype)
     return [
-        (EMBEDDING, adamw),
-        (HEAD, adamw),
+        # One rule for both, so that a model with a tied head (no lm_head) leaves none unused.
+        (f"{EMBEDDING}|{HEAD}", adamw),
         (GAIN_OR_BIAS, optax.adam(learning_rate, b1=b1, b2=b2, mu_dtype=mu_dtype)),
         (
             HIDDEN_MATRIX,

@@ -1,0 +1,224 @@
+"""Text corpora and character tokenization, as nanoGPT's ``shakespeare_char/prepare.py``.
+
+The embedded corpus is Tiny Shakespeare (1,115,394 characters, 65 distinct), shipped inside the
+package and read with :mod:`importlib.resources`, so it works from an installed wheel. Any other
+UTF-8 text file gets the same treatment: the vocabulary is the sorted set of its characters, the
+first 90% of it is the training split and the last 10% the validation split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+EMBEDDED_NAME = "tinyshakespeare.txt"
+"""The file name of the embedded corpus, a resource of :mod:`hybrid_jax.data`."""
+
+_Path = str | os.PathLike
+
+
+def load_text(path: _Path | None = None) -> str:
+    """Reads a UTF-8 text file, or the embedded Tiny Shakespeare when ``path`` is ``None``.
+
+    Args:
+      path: a text file, or ``None`` for the embedded corpus.
+
+    Returns:
+      The whole text.
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      ValueError: ``path`` is a directory, cannot be read, is not valid UTF-8, or is empty;
+        the message names the path and the problem.
+
+    Examples:
+      >>> text = load_text()
+      >>> len(text), text[:14]
+      (1115394, 'First Citizen:')
+    """
+    if path is None:
+        resource = importlib.resources.files(__package__).joinpath(EMBEDDED_NAME)
+        return resource.read_text(encoding="utf-8")
+    where = os.fspath(path)
+    try:
+        with open(where, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"text file {where!r} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"text file {where!r} is a directory, not a file") from None
+    except OSError as e:
+        raise ValueError(f"text file {where!r} cannot be read: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"text file {where!r} is not UTF-8: byte {data[e.start]:#04x} at offset {e.start} "
+            f"({e.reason}); convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+    if not text:
+        raise ValueError(f"text file {where!r} is empty")
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class CharTokenizer:
+    """A character-level tokenizer: token ``i`` is ``chars[i]``.
+
+    Build it with :meth:`from_text`, which sorts the distinct characters of a text by code
+    point, as nanoGPT's ``prepare.py`` does (``sorted(set(text))``).
+
+    Attributes:
+      chars: the vocabulary, one character per token id, in id order.
+
+    Examples:
+      >>> tok = CharTokenizer.from_text("hello world")
+      >>> tok.vocab_size, tok.chars
+      (8, ' dehlorw')
+      >>> ids = tok.encode("low")
+      >>> ids, tok.decode(ids)
+      (array([4, 5, 7], dtype=int32), 'low')
+    """
+
+    chars: str
+
+    def __post_init__(self):
+        if not self.chars or len(set(self.chars)) != len(self.chars):
+            raise ValueError(
+                f"chars must be non-empty and without repeats, got {self.chars[:80]!r}"
+            )
+        code_points = _code_points(self.chars)
+        if np.any(np.diff(code_points.astype(np.int64)) <= 0):
+            raise ValueError("chars must be sorted by code point; build with from_text")
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        """The tokenizer whose vocabulary is every character of ``text``, sorted."""
+        if not text:
+            raise ValueError("cannot build a vocabulary from an empty text")
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of token ids."""
+        return len(self.chars)
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids of ``text``, a 1-D ``int32`` array.
+
+        Raises:
+          ValueError: ``text`` has characters outside the vocabulary (listed).
+        """
+        vocab = _code_points(self.chars)
+        points = _code_points(text)
+        ids = np.searchsorted(vocab, points)
+        unknown = (ids >= len(vocab)) | (vocab[np.minimum(ids, len(vocab) - 1)] != points)
+        if np.any(unknown):
+            missing = sorted({chr(p) for p in points[unknown]})
+            raise ValueError(
+                f"{len(missing)} characters are not in the vocabulary of {self.vocab_size}: "
+                f"{''.join(missing)[:80]!r}"
+            )
+        return ids.astype(np.int32)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """The text of token ids (any integer sequence or array, also a JAX array).
+
+        Raises:
+          ValueError: an id outside ``[0, vocab_size)``.
+        """
+        ids = np.asarray(ids).reshape(-1)
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if np.any(bad):
+            raise ValueError(
+                f"token id {int(ids[bad][0])} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        table = np.array(list(self.chars))
+        return "".join(table[ids.astype(np.int64)].tolist())
+
+
+def _code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def train_val_split(tokens: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``1 - val_fraction`` of ``tokens`` for training, the rest for validation.
+
+    The boundary is ``int(n * (1 - val_fraction))``, nanoGPT's ``int(n * 0.9)`` by default.
+
+    Raises:
+      ValueError: ``val_fraction`` is not in (0, 1).
+
+    Examples:
+      >>> train, val = train_val_split(np.arange(10))
+      >>> train.tolist(), val.tolist()
+      ([0, 1, 2, 3, 4, 5, 6, 7, 8], [9])
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    n_train = int(len(tokens) * (1 - val_fraction))
+    return tokens[:n_train], tokens[n_train:]
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDataset:
+    """A character-level corpus, tokenized and split.
+
+    Attributes:
+      tokenizer: the :class:`CharTokenizer` of the whole text.
+      train: token ids of the training split, 1-D ``int32`` (NumPy; put it on the device with
+        ``jnp.asarray`` once and sample batches from it there).
+      val: token ids of the validation split.
+      source: where the text came from: the path, or ``"<embedded tinyshakespeare.txt>"``.
+    """
+
+    tokenizer: CharTokenizer
+    train: np.ndarray
+    val: np.ndarray
+    source: str
+
+
+def load_dataset(
+    path: _Path | None = None, *, block_size: int = 64, val_fraction: float = 0.1
+) -> TextDataset:
+    """Loads, tokenizes and splits a text: the embedded Tiny Shakespeare when ``path`` is None.
+
+    Args:
+      path: a UTF-8 text file, or ``None``.
+      block_size: the context length the batches will have; each split must hold at least one
+        block plus its next-token target, ``block_size + 1`` tokens.
+      val_fraction: the share of the text, at its end, kept for validation.
+
+    Returns:
+      A :class:`TextDataset`.
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      ValueError: the file is unreadable, not UTF-8, empty, or too short for ``block_size``
+        (the message names the path, the split and the lengths).
+
+    Examples:
+      >>> data = load_dataset()
+      >>> data.tokenizer.vocab_size, len(data.train), len(data.val)
+      (65, 1003854, 111540)
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    text = load_text(path)
+    source = f"<embedded {EMBEDDED_NAME}>" if path is None else os.fspath(path)
+    tokenizer = CharTokenizer.from_text(text)
+    train, val = train_val_split(tokenizer.encode(text), val_fraction)
+    for name, split in (("training", train), ("validation", val)):
+        if len(split) < block_size + 1:
+            raise ValueError(
+                f"text file {source!r} is too short: its {name} split has {len(split)} "
+                f"characters of {len(text)}, but block_size={block_size} needs at least "
+                f"{block_size + 1} in each split; use a longer text or a smaller block size"
+            )
+    return TextDataset(tokenizer, train, val, source)

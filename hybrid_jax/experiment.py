@@ -1,0 +1,476 @@
+"""The main job: train the bundled GPT on a character corpus under a precision/optimizer recipe.
+
+``hybrid-jax train`` is :func:`train` with flags; the benchmarks call it once per recipe. The
+defaults are nanoGPT's CPU "baby GPT" run (4 layers, 4 heads, 128 channels, context 64, batch 12,
+2000 iterations, lr 1e-3 cosine to 1e-4 after 100 warm-up steps, no dropout), with bf16-mixed
+precision, Muon on the hidden matrices and AdamW on the rest, and ``lm`` + ``z_loss`` terms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from hybrid_jax import data as data_lib
+from hybrid_jax.losses import Weighted, cross_entropy, z_loss
+from hybrid_jax.models import GPT, GPTConfig
+from hybrid_jax.optim import muon_adamw
+from hybrid_jax.precision import DynamicLossScale, NoOpLossScale, Policy, PrecisionRules
+from hybrid_jax.train import Checkpointer, TrainState, evaluate, make_eval_step, make_train_step
+
+OPTIMIZERS = ("muon_adamw", "adamw")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides a run's result; saved with its checkpoints and summary."""
+
+    precision: str = "bf16-mixed"
+    optimizer: str = "muon_adamw"
+    steps: int = 2000
+    batch_size: int = 12
+    block_size: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    z_loss_weight: float = 1e-4
+    data: str | None = None
+    seed: int = 1337
+    eval_interval: int = 250
+    eval_batches: int = 25
+    eval_batch_size: int = 64
+    sample_chars: int = 300
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
+        for name in (
+            "steps",
+            "batch_size",
+            "block_size",
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "eval_interval",
+            "eval_batches",
+            "eval_batch_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def load_precision(spec: str) -> Policy | PrecisionRules:
+    """A preset or policy string, or the path of a JSON rules file.
+
+    A rules file holds ``{"rules": [[pattern, policy], ...], "default": policy}`` (``default``
+    optional), e.g. ``{"rules": [["embed|ln_", "fp32"]], "default": "bf16-mixed"}``.
+    """
+    if os.path.isfile(spec):
+        try:
+            with open(spec, encoding="utf-8") as f:
+                raw = json.load(f)
+            return PrecisionRules([tuple(r) for r in raw["rules"]], default=raw.get("default"))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"precision rules file {spec!r}: {e}") from e
+    return Policy.parse(spec)
+
+
+def _uses_fp16(precision: Policy | PrecisionRules) -> bool:
+    policies = (
+        [precision]
+        if isinstance(precision, Policy)
+        else [
+            *(r.value for r in precision.rules),
+            *([precision.default] if precision.default else []),
+        ]
+    )
+    return any(p.compute_dtype == jnp.float16 for p in policies)
+
+
+def build_optimizer(config: RunConfig) -> optax.GradientTransformation:
+    """Gradient clipping, then AdamW (nanoGPT's recipe) or Muon + AdamW, on a cosine schedule."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0,
+        config.lr,
+        config.warmup_steps,
+        max(config.steps, config.warmup_steps + 1),
+        config.min_lr,
+    )
+    if config.optimizer == "adamw":
+        # nanoGPT decays only the matrices (dim >= 2), never gains or biases.
+        decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+        inner = optax.adamw(
+            schedule, b1=0.9, b2=0.99, weight_decay=config.weight_decay, mask=decay_mask
+        )
+    else:
+        inner = muon_adamw(schedule, weight_decay=config.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), inner)
+
+
+@dataclasses.dataclass
+class Run:
+    """What :func:`build` sets up: the model, data, state and jitted functions of a run."""
+
+    config: RunConfig
+    tokenizer: data_lib.CharTokenizer
+    graphdef: Any
+    state: TrainState
+    step: Callable
+    eval_step: Callable
+    sample_train: Callable
+    val_set: Any
+    data_key: jax.Array
+
+
+def build(config: RunConfig) -> Run:
+    """Builds everything a run needs, without running it."""
+    dataset = data_lib.load_dataset(config.data, block_size=config.block_size)
+    tokenizer = dataset.tokenizer
+    # On the device once: batches are then sampled there, and the host never builds one.
+    train_tokens, val_tokens = jnp.asarray(dataset.train), jnp.asarray(dataset.val)
+    model = GPT(
+        GPTConfig(
+            vocab_size=tokenizer.vocab_size,
+            block_size=config.block_size,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            n_embd=config.n_embd,
+        ),
+        rngs=nnx.Rngs(config.seed),
+    )
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss_terms(compute_params, batch, rng):
+        del rng  # no dropout
+        logits = nnx.merge(graphdef, compute_params)(batch[0])
+        return {"lm": cross_entropy(logits, batch[1]), "z_loss": z_loss(logits)}
+
+    precision = load_precision(config.precision)
+    weighting = Weighted({"lm": 1.0, "z_loss": config.z_loss_weight})
+    loss_scale = DynamicLossScale(2.0**15) if _uses_fp16(precision) else NoOpLossScale()
+    tx = build_optimizer(config)
+    state = TrainState.create(
+        params, tx, loss_scale=loss_scale, rng=config.seed, precision=precision, weighting=weighting
+    )
+    batch_size, block_size = config.batch_size, config.block_size
+    return Run(
+        config=config,
+        tokenizer=tokenizer,
+        graphdef=graphdef,
+        state=state,
+        step=make_train_step(
+            loss_terms,
+            optimizer=tx,
+            weighting=weighting,
+            precision=precision,
+            loss_scale=loss_scale,
+        ),
+        eval_step=make_eval_step(loss_terms, precision=precision),
+        sample_train=jax.jit(
+            lambda key: data_lib.sample_batch(train_tokens, key, batch_size, block_size)
+        ),
+        val_set=data_lib.eval_batches(
+            val_tokens, config.eval_batches, config.eval_batch_size, block_size, seed=config.seed
+        ),
+        data_key=jax.random.key_data(jax.random.key(config.seed + 1)),
+    )
+
+
+def generate(
+    run: Run,
+    params: Any,
+    n_chars: int,
+    *,
+    seed: int = 0,
+    temperature: float = 0.8,
+    prompt: str | None = None,
+) -> str:
+    """Samples ``n_chars`` characters after ``prompt`` (one jitted loop on device).
+
+    The default prompt is a newline, as nanoGPT's ``sample.py``, or the first character of the
+    vocabulary when the text has no newline.
+    """
+    block = run.config.block_size
+    if prompt is None:
+        prompt = "\n" if "\n" in run.tokenizer.chars else run.tokenizer.chars[0]
+    ids = run.tokenizer.encode(prompt)[-block:]
+    model_params = params
+
+    @jax.jit
+    def sample(params, key):
+        model = nnx.merge(run.graphdef, params)
+        buf = jnp.zeros((block,), jnp.int32).at[: len(ids)].set(jnp.asarray(ids, jnp.int32))
+
+        def body(i, carry):
+            buf, out, key = carry
+            pos = jnp.minimum(len(ids) - 1 + i, block - 1)  # causal: later slots are ignored
+            logits = model(buf[None])[0, pos] / temperature
+            key, sub = jax.random.split(key)
+            token = jax.random.categorical(sub, logits).astype(jnp.int32)
+            full = len(ids) + i >= block
+            buf = jnp.where(
+                full,
+                jnp.roll(buf, -1).at[-1].set(token),
+                buf.at[jnp.minimum(pos + 1, block - 1)].set(token),
+            )
+            return buf, out.at[i].set(token), key
+
+        out = jnp.zeros((n_chars,), jnp.int32)
+        _, out, _ = jax.lax.fori_loop(0, n_chars, body, (buf, out, key))
+        return out
+
+    tokens = sample(model_params, jax.random.key(seed))
+    return run.tokenizer.decode(np.asarray(tokens))
+
+
+@contextlib.contextmanager
+def _interrupt_flag() -> Iterator[dict]:
+    """Turns Ctrl-C into a flag the loop checks between steps, so a save is never cut short."""
+    flag = {"stop": False}
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        del signum, frame
+        flag["stop"] = True
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave Ctrl-C alone
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _to_host(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train(
+    config: RunConfig,
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Trains, evaluates, checkpoints and samples; returns (and writes) the run's summary.
+
+    Writes into ``out``: ``metrics.jsonl`` (one JSON object per logged step and evaluation),
+    ``checkpoints/`` (orbax, every ``eval_interval`` steps, at the end and on Ctrl-C) and
+    ``summary.json``. The host reads step ``t - 1``'s metrics only after dispatching step ``t``,
+    so it never stalls the device.
+
+    Args:
+      config: the run's settings.
+      out: the output folder (created if missing).
+      resume: continue from the latest checkpoint in ``out`` (its settings must match).
+      progress: show a progress bar with the loss and tokens/s.
+      log: where lines of text go (the last one is the final validation loss).
+
+    Returns:
+      The summary: ``final_val_loss``, ``wall_time_s``, ``steps``, ``tokens_per_s``, ...
+    """
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    run = build(config)
+    state = run.state
+    settings = dataclasses.asdict(config)
+    start_time = time.perf_counter()
+    # What a resumed run carries over from the checkpoint's metadata.
+    carried = {"wall_time_s": 0.0, "skipped_steps": 0, "first_step_val_loss_le_1.88": None}
+    with contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(Checkpointer(os.path.join(out, "checkpoints")))
+        if resume:
+            state, meta = _restore(ckpt, state, settings)
+            carried.update({k: meta[k] for k in carried if k in meta})
+            log(f"resumed from step {int(state.step)} in {ckpt.directory}")
+        first = int(jax.device_get(state.step))
+        metrics_file = stack.enter_context(
+            open(os.path.join(out, "metrics.jsonl"), "a" if resume else "w", encoding="utf-8")
+        )
+        interrupt = stack.enter_context(_interrupt_flag())
+        bar = stack.enter_context(_Progress(progress, first, config.steps, log))
+
+        def record(entry: dict[str, Any]) -> None:
+            metrics_file.write(json.dumps(entry) + "\n")
+            metrics_file.flush()
+
+        def read(metrics: dict[str, jax.Array], step: int) -> dict[str, float]:
+            host = _to_host(metrics)
+            carried["skipped_steps"] += int(host["skipped"])
+            record({"step": step, **host})
+            return host
+
+        def save() -> None:
+            wall = carried["wall_time_s"] + time.perf_counter() - start_time
+            ckpt.save(state, meta={"settings": settings, **carried, "wall_time_s": wall})
+
+        tokens_per_step = config.batch_size * config.block_size
+        val_loss, timer = float("nan"), _Throughput(tokens_per_step)
+        pending = None
+        for t in range(first, config.steps):
+            batch = run.sample_train(jax.random.fold_in(run.data_key, t))
+            state, metrics = run.step(state, batch)
+            if pending is not None:  # the previous step's metrics, read after this dispatch
+                bar.update(t, read(pending, t)["loss"], timer.rate())
+            pending = metrics
+            if t == first + 1:  # compilation is left out of the throughput
+                jax.block_until_ready(state)
+                timer.start()
+            timer.count()
+            done = t + 1
+            if done % config.eval_interval == 0 or done == config.steps:
+                with timer.paused():
+                    val_loss = evaluate(run.eval_step, state.params, run.val_set)["lm"]
+                record({"step": done, "val_loss": val_loss})
+                bar.note(f"step {done}: val loss {val_loss:.4f}")
+                if carried["first_step_val_loss_le_1.88"] is None and val_loss <= 1.88:
+                    carried["first_step_val_loss_le_1.88"] = done
+                save()
+            if interrupt["stop"]:
+                save()
+                ckpt.wait()
+                log(
+                    f"interrupted at step {done}: checkpoint saved in {ckpt.directory}; run "
+                    "again with --resume to continue"
+                )
+                raise KeyboardInterrupt
+        if pending is not None:
+            read(pending, config.steps)
+        jax.block_until_ready(state)
+        tokens_per_s = timer.rate()
+        if first >= config.steps:  # nothing left to train: evaluate what was restored
+            val_loss = evaluate(run.eval_step, state.params, run.val_set)["lm"]
+        save()
+
+    wall = carried["wall_time_s"] + time.perf_counter() - start_time
+    skipped = carried["skipped_steps"]
+    sample = generate(run, state.params, config.sample_chars, seed=config.seed)
+    summary = {
+        "final_val_loss": val_loss,
+        "wall_time_s": wall,
+        "steps": config.steps,
+        "tokens_per_s": tokens_per_s,
+        "skipped_steps": skipped,
+        "first_step_val_loss_le_1.88": carried["first_step_val_loss_le_1.88"],
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "settings": settings,
+    }
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    log("---- sample ----")
+    log(sample)
+    log("----------------")
+    log(f"wall time {wall:.1f} s, {tokens_per_s:,.0f} tokens/s, {skipped} skipped steps")
+    log(f"final val loss {val_loss:.4f}")
+    return summary
+
+
+def _restore(ckpt: Checkpointer, like: TrainState, settings: dict) -> tuple[TrainState, dict]:
+    """The latest checkpoint, after checking it was trained with these settings."""
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.directory}")
+    state, meta = ckpt.restore(like)
+    saved = {k: v for k, v in meta.get("settings", {}).items() if k != "steps"}
+    mine = {k: v for k, v in settings.items() if k != "steps"}
+    if saved != mine:
+        changed = ", ".join(
+            f"{k}={saved.get(k)!r}" for k in sorted(mine) if saved.get(k) != mine[k]
+        )
+        raise ValueError(
+            f"--resume: the checkpoint in {ckpt.directory} was trained with other settings "
+            f"({changed})"
+        )
+    return state, meta
+
+
+class _Throughput:
+    """Training tokens per second, with evaluation time left out."""
+
+    def __init__(self, tokens_per_step: int):
+        self._tokens_per_step = tokens_per_step
+        self._since, self._steps, self._paused_s = None, 0, 0.0
+
+    def start(self) -> None:
+        self._since, self._steps, self._paused_s = time.perf_counter(), 0, 0.0
+
+    def count(self) -> None:
+        self._steps += 1
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self._paused_s += time.perf_counter() - start
+
+    def rate(self) -> float:
+        if self._since is None or self._steps < 2:
+            return float("nan")
+        elapsed = time.perf_counter() - self._since - self._paused_s
+        return (self._steps - 1) * self._tokens_per_step / elapsed
+
+
+class _Progress:
+    """A rich progress bar showing the loss and tokens/s; without it, notes go to ``log``."""
+
+    def __init__(self, enabled: bool, first: int, total: int, log: Callable[[str], None]):
+        self._bar, self._log = None, log
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
+            self._task = self._bar.add_task("train", total=total, completed=first, info="")
+
+    def __enter__(self):
+        if self._bar:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar:
+            self._bar.stop()
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self._bar:
+            self._bar.update(
+                self._task, completed=step, info=f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s"
+            )
+
+    def note(self, text: str) -> None:
+        if self._bar:
+            self._bar.console.print(text)
+        else:
+            self._log(text)

@@ -1,0 +1,476 @@
+"""A nanoGPT-equivalent GPT in Flax NNX, written to train fast on a small CPU.
+
+The model is Karpathy's nanoGPT (``model.py``): learned position embeddings, pre-LayerNorm
+blocks of causal self-attention and an MLP with the exact (erf) GELU, a final LayerNorm, and an
+output head tied to the token embedding. Initialisation is nanoGPT's: ``normal(0, 0.02)`` for
+linear and embedding weights, ``normal(0, 0.02 / sqrt(2 * n_layer))`` for the two residual
+projections of each block, zero biases, unit LayerNorm scales. There is no dropout.
+
+Parameter paths (``nnx.state(model, nnx.Param)``; the ``bias`` leaves only with ``bias=True``)::
+
+  tok_embed/embedding                  pos_embed/embedding
+  blocks/{i}/ln_1/scale, /bias         blocks/{i}/ln_2/scale, /bias
+  blocks/{i}/attn/qkv/kernel, /bias    blocks/{i}/attn/proj/kernel, /bias
+  blocks/{i}/mlp/fc/kernel, /bias      blocks/{i}/mlp/proj/kernel, /bias
+  ln_f/scale, /bias                    lm_head/kernel (only with tie_embeddings=False)
+
+Precision. The model computes in the dtype of its parameters: cast them to bf16
+(``hybrid_jax.cast_to_compute(params, "bf16-mixed")``) and the matmuls run in bf16. The fp32
+islands are explicit ``.astype(jnp.float32)`` casts: LayerNorm statistics, the attention softmax,
+and the logits, which are fp32 whatever the parameters. Leaves may differ in dtype (per-leaf
+precision rules): the residual stream keeps the token embedding's dtype, each linear layer
+computes in its kernel's dtype, and every change between them is an explicit cast, so nothing
+upcasts silently (the tests run under strict dtype promotion).
+
+Speed. Activations stay 2-D (``B·T x C``) around every matmul, so a linear layer is one GEMM and
+its gradient two GEMMs with no batch dimensions for XLA to transpose around; only attention sees
+the heads, as batched GEMMs over ``B x H``. Three small custom derivatives (GELU, LayerNorm, the
+attention core) state the backward pass in closed form. With them XLA runs fewer elementwise
+passes and keeps fewer activations for the backward pass: 32.7 instead of 44.3 MiB of
+temporaries for the default model at batch 12, and about 8% less time. Temporaries cost twice on
+XLA:CPU, which allocates them on every call: above glibc's 32 MiB ``mmap`` threshold each call
+also page-faults them in afresh (about 9,000 faults, 10 ms per step on a 2-core VM; setting
+``MALLOC_MMAP_MAX_=0`` and a large ``MALLOC_TRIM_THRESHOLD_`` avoids it). ``jax.checkpoint``
+does not lower them: XLA:CPU drops its optimisation barriers and merges the recomputation back
+into the forward pass. ``benchmarks/model_speed.py`` times all of this.
+
+References:
+  Karpathy, `nanoGPT <https://github.com/karpathy/nanoGPT>`_ (``model.py``); Radford et al.,
+  2019, `Language Models are Unsupervised Multitask Learners` (GPT-2); Hendrycks and Gimpel,
+  2016, `Gaussian Error Linear Units <https://arxiv.org/abs/1606.08415>`_.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DotGeneral = Callable[..., jax.Array]
+"""The signature of :func:`jax.lax.dot_general`: ``(lhs, rhs, dimension_numbers) -> out``."""
+
+_INIT_STD = 0.02
+_LN_EPS = 1e-5  # torch.nn.LayerNorm's default, which nanoGPT uses
+# x_NxI @ w_IxO: contract the last axis of x with the first of w.
+_MATMUL = (((1,), (0,)), ((), ()))
+# x_NxC @ e_VxC^T, for the tied output head: contract the last axes of both.
+_MATMUL_T = (((1,), (1,)), ((), ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """The shape of a :class:`GPT`. Defaults are nanoGPT's CPU "baby GPT" for Tiny Shakespeare.
+
+    Attributes:
+      vocab_size: number of token ids.
+      block_size: the longest context (the number of learned positions).
+      n_layer: transformer blocks.
+      n_head: attention heads; must divide ``n_embd``.
+      n_embd: channels of the residual stream.
+      bias: biases in the linear layers and LayerNorms (nanoGPT's ``train.py`` default is
+        ``False``; the output head never has one).
+      tie_embeddings: the output head reuses the token embedding, as in nanoGPT.
+
+    Raises:
+      ValueError: a size that is not a positive integer, or ``n_head`` not dividing ``n_embd``.
+
+    Examples:
+      >>> config = GPTConfig(vocab_size=65)
+      >>> config.n_layer, config.n_head, config.n_embd, config.block_size, config.bias
+      (4, 4, 128, 64, False)
+    """
+
+    vocab_size: int
+    block_size: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    bias: bool = False
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"GPTConfig.n_head={self.n_head} must divide n_embd={self.n_embd} "
+                "(each head gets n_embd // n_head channels)"
+            )
+
+
+# --- Functions with closed-form derivatives -------------------------------------------------
+
+
+@jax.custom_jvp
+def gelu(x: jax.Array) -> jax.Array:
+    """The exact GELU ``x Φ(x)``, with the normal CDF written with ``erf`` as PyTorch does.
+
+    Same values as ``jax.nn.gelu(x, approximate=False)``, which goes through ``erfc`` (a longer
+    expansion on XLA:CPU). The derivative ``Φ(x) + x φ(x)`` takes ``Φ(x)`` as ``gelu(x) / x``
+    from the output, which the next matmul keeps for its own gradient anyway: so ``Φ(x)`` is
+    not one more activation to keep for the backward pass.
+
+    Examples:
+      >>> gelu(jnp.array([-1.0, 0.0, 2.0]))
+      Array([-0.158655...,  0.      ,  1.954499...], dtype=float32)
+    """
+    return x * _normal_cdf(x)
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    y = x * _normal_cdf(x)
+    inv_sqrt_2pi = jnp.asarray(1 / math.sqrt(2 * math.pi), x.dtype)
+    # Φ(x) = y / x up to rounding. Near 0 that division loses the second derivative (x² under-
+    # flows), so there Φ(x) = 1/2 + x φ(0), exact to O(x³) (< 1e-10 for |x| < 1e-3). The safe
+    # divisor keeps the untaken branch finite: a NaN there would leak into derivatives.
+    away = jnp.abs(x) > jnp.asarray(1e-3, x.dtype)
+    cdf = jnp.where(away, y / jnp.where(away, x, 1), 0.5 + x * inv_sqrt_2pi)
+    pdf = jnp.exp(-0.5 * jnp.square(x)) * inv_sqrt_2pi
+    return y, x_dot * (cdf + x * pdf)
+
+
+def _normal_cdf(x: jax.Array) -> jax.Array:
+    return 0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(1 / math.sqrt(2), x.dtype))
+
+
+def _ln_statistics(x_f32: jax.Array) -> tuple[jax.Array, jax.Array]:
+    mean = jnp.mean(x_f32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x_f32 - mean), axis=-1, keepdims=True)
+    return mean, jax.lax.rsqrt(var + _LN_EPS)
+
+
+@jax.custom_jvp
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """LayerNorm over the last axis: statistics in fp32, the result in ``x``'s dtype.
+
+    ``y = (x - mean) / sqrt(var + 1e-5) * scale + bias``, as ``torch.nn.LayerNorm``. The
+    derivative is written out, ``dx̂ = rstd (dx - mean(dx) - x̂ mean(x̂ dx))``, in terms of the
+    normalised ``x̂`` and ``rstd``: autodiff of the formula leads XLA to keep ``x - mean`` for
+    the backward pass as well (2.6 MiB more for the default model at batch 12).
+
+    Examples:
+      >>> layer_norm(jnp.array([[1.0, 3.0]]), jnp.ones(2))
+      Array([[-0.999995...,  0.999995...]], dtype=float32)
+    """
+    x_f32 = x.astype(jnp.float32)
+    mean, rstd = _ln_statistics(x_f32)
+    return _ln_affine((x_f32 - mean) * rstd, scale, bias).astype(x.dtype)
+
+
+@layer_norm.defjvp
+def _layer_norm_jvp(primals, tangents):
+    x, scale, bias = primals
+    x_dot, scale_dot, bias_dot = tangents
+    x_f32 = x.astype(jnp.float32)
+    mean, rstd = _ln_statistics(x_f32)
+    x_hat = (x_f32 - mean) * rstd
+    y = _ln_affine(x_hat, scale, bias).astype(x.dtype)
+    dx = x_dot.astype(jnp.float32)
+    dx_hat = rstd * (
+        dx
+        - jnp.mean(dx, axis=-1, keepdims=True)
+        - x_hat * jnp.mean(x_hat * dx, axis=-1, keepdims=True)
+    )
+    y_dot = dx_hat * scale.astype(jnp.float32) + x_hat * scale_dot.astype(jnp.float32)
+    if bias is not None:
+        y_dot = y_dot + bias_dot.astype(jnp.float32)
+    return y, y_dot.astype(x.dtype)
+
+
+def _ln_affine(x_hat: jax.Array, scale: jax.Array, bias: jax.Array | None) -> jax.Array:
+    y = x_hat * scale.astype(jnp.float32)
+    return y if bias is None else y + bias.astype(jnp.float32)
+
+
+@jax.custom_vjp
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal softmax attention ``softmax(q kᵀ + mask) v`` per batch row and head.
+
+    ``q`` comes scaled (by ``1 / sqrt(D)`` in a GPT): the scaled copy costs nothing where the
+    heads are transposed out of the ``qkv`` projection anyway, while scaling the scores keeps
+    one more ``[B, H, T, T]`` array alive. The scores and the softmax are fp32; the two
+    products run in the inputs' dtype. The backward pass is written out
+    (``dS = P ⊙ (dP - rowsum(P ⊙ dP))``) so that it keeps only ``q, k, v`` and the
+    probabilities ``P``; autodiff through ``jax.nn.softmax`` and the mask also keeps the
+    unnormalised exponentials. There is no forward-mode derivative (``jax.jvp``).
+
+    Args:
+      q, k, v: ``[B, H, T, D]`` arrays of one dtype, ``q`` already scaled.
+
+    Returns:
+      ``[B, H, T, D]`` in the inputs' dtype.
+
+    Examples:
+      >>> q = k = v = jnp.ones((1, 1, 3, 2))
+      >>> causal_attention(q, k, v).shape
+      (1, 1, 3, 2)
+    """
+    return _attention_forward(q, k, v)[0]
+
+
+def _attention_forward(q_BxHxTxD, k_BxHxTxD, v_BxHxTxD):
+    t = q_BxHxTxD.shape[2]
+    scores_BxHxTxT = jnp.einsum("bhqd,bhkd->bhqk", q_BxHxTxD, k_BxHxTxD)
+    scores_BxHxTxT = scores_BxHxTxT.astype(jnp.float32)  # fp32 island: the softmax
+    causal_TxT = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    scores_BxHxTxT = jnp.where(causal_TxT, scores_BxHxTxT, -jnp.inf)
+    probs_BxHxTxT = jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(v_BxHxTxD.dtype)
+    y_BxHxTxD = jnp.einsum("bhqk,bhkd->bhqd", probs_BxHxTxT, v_BxHxTxD)
+    return y_BxHxTxD, probs_BxHxTxT
+
+
+def _attention_fwd(q, k, v):
+    y, probs = _attention_forward(q, k, v)
+    return y, (q, k, v, probs)
+
+
+def _attention_bwd(residuals, dy_BxHxTxD):
+    q_BxHxTxD, k_BxHxTxD, v_BxHxTxD, probs_BxHxTxT = residuals
+    dv_BxHxTxD = jnp.einsum("bhqk,bhqd->bhkd", probs_BxHxTxT, dy_BxHxTxD)
+    dprobs_BxHxTxT = jnp.einsum("bhqd,bhkd->bhqk", dy_BxHxTxD, v_BxHxTxD).astype(jnp.float32)
+    # Masked positions have P = 0, so their score gradient is 0 without the mask.
+    probs_f32 = probs_BxHxTxT.astype(jnp.float32)
+    rowsum_BxHxTx1 = jnp.sum(probs_f32 * dprobs_BxHxTxT, axis=-1, keepdims=True)
+    dscores_BxHxTxT = (probs_f32 * (dprobs_BxHxTxT - rowsum_BxHxTx1)).astype(q_BxHxTxD.dtype)
+    dq_BxHxTxD = jnp.einsum("bhqk,bhkd->bhqd", dscores_BxHxTxT, k_BxHxTxD)
+    dk_BxHxTxD = jnp.einsum("bhqk,bhqd->bhkd", dscores_BxHxTxT, q_BxHxTxD)
+    return dq_BxHxTxD, dk_BxHxTxD, dv_BxHxTxD
+
+
+causal_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# --- Layers ---------------------------------------------------------------------------------
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax.Array:
+    return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias)`` on 2-D activations, through a replaceable ``dot_general``.
+
+    Args:
+      in_features, out_features: the kernel's shape.
+      bias: whether there is a bias (initialised to zero).
+      std: the standard deviation of the kernel's normal initialisation.
+      dot_general: the matmul, :func:`jax.lax.dot_general` by default; the precision layer
+        swaps in a quantized one (fp8, int8) here. Called as ``dot_general(x_NxI, kernel_IxO,
+        (((1,), (0,)), ((), ())))``.
+      rngs: its ``params`` stream initialises the kernel.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        std: float,
+        dot_general: DotGeneral | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), std))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if bias else None
+        self.dot_general = dot_general or jax.lax.dot_general
+
+    def __call__(self, x_NxI: jax.Array) -> jax.Array:
+        kernel_IxO = self.kernel[...]
+        # The layer computes in its kernel's dtype; a no-op unless precision rules mix dtypes.
+        y_NxO = self.dot_general(x_NxI.astype(kernel_IxO.dtype), kernel_IxO, _MATMUL)
+        if self.bias is not None:
+            y_NxO = y_NxO + self.bias[...].astype(y_NxO.dtype)
+        return y_NxO
+
+
+class Embed(nnx.Module):
+    """A table of ``num_embeddings`` vectors; :meth:`attend` is the tied output head."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        dot_general: DotGeneral | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.embedding = nnx.Param(_normal(rngs, (num_embeddings, features), _INIT_STD))
+        self.dot_general = dot_general or jax.lax.dot_general
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+    def attend(self, x_NxC: jax.Array) -> jax.Array:
+        """``x @ embedding.T``: a score per table row, in the embedding's dtype."""
+        embedding_VxC = self.embedding[...]
+        return self.dot_general(x_NxC.astype(embedding_VxC.dtype), embedding_VxC, _MATMUL_T)
+
+
+class LayerNorm(nnx.Module):
+    """:func:`layer_norm` with a learned ``scale`` (ones) and optional ``bias`` (zeros)."""
+
+    def __init__(self, features: int, *, bias: bool):
+        self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((features,), jnp.float32)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bias = None if self.bias is None else self.bias[...]
+        return layer_norm(x, self.scale[...], bias)
+
+
+class CausalSelfAttention(nnx.Module):
+    """Multi-head causal self-attention on ``B·T x C`` activations."""
+
+    def __init__(self, config: GPTConfig, *, dot_general: DotGeneral | None, rngs: nnx.Rngs):
+        c = config.n_embd
+        self.n_head = config.n_head
+        linear = functools.partial(Linear, bias=config.bias, dot_general=dot_general, rngs=rngs)
+        self.qkv = linear(c, 3 * c, std=_INIT_STD)
+        self.proj = linear(c, c, std=_residual_std(config))
+
+    def __call__(self, x_NxC: jax.Array, batch: int) -> jax.Array:
+        n, c = x_NxC.shape
+        b, t, h = batch, n // batch, self.n_head
+        d = c // h
+        qkv_Nx3C = self.qkv(x_NxC)
+        # One transpose puts the heads next to the batch, so that both attention products are
+        # plain batched GEMMs; measured faster than einsums on [B, T, H, D] or
+        # jax.nn.dot_product_attention, which leave the transposes to XLA.
+        q_BxHxTxD, k_BxHxTxD, v_BxHxTxD = qkv_Nx3C.reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)
+        q_BxHxTxD = q_BxHxTxD * jnp.asarray(1 / math.sqrt(d), q_BxHxTxD.dtype)
+        y_BxHxTxD = causal_attention(q_BxHxTxD, k_BxHxTxD, v_BxHxTxD)
+        return self.proj(y_BxHxTxD.transpose(0, 2, 1, 3).reshape(n, c))
+
+
+class FeedForward(nnx.Module):
+    """The block's MLP, ``C -> 4C -> GELU -> C``, with nanoGPT's exact (erf) GELU."""
+
+    def __init__(self, config: GPTConfig, *, dot_general: DotGeneral | None, rngs: nnx.Rngs):
+        c = config.n_embd
+        linear = functools.partial(Linear, bias=config.bias, dot_general=dot_general, rngs=rngs)
+        self.fc = linear(c, 4 * c, std=_INIT_STD)
+        self.proj = linear(4 * c, c, std=_residual_std(config))
+
+    def __call__(self, x_NxC: jax.Array) -> jax.Array:
+        return self.proj(gelu(self.fc(x_NxC)))
+
+
+class Block(nnx.Module):
+    """A pre-LayerNorm transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, config: GPTConfig, *, dot_general: DotGeneral | None, rngs: nnx.Rngs):
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, dot_general=dot_general, rngs=rngs)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = FeedForward(config, dot_general=dot_general, rngs=rngs)
+
+    def __call__(self, x_NxC: jax.Array, batch: int) -> jax.Array:
+        # The residual stream keeps its dtype; a branch computed in another is cast back.
+        x_NxC = x_NxC + self.attn(self.ln_1(x_NxC), batch).astype(x_NxC.dtype)
+        return x_NxC + self.mlp(self.ln_2(x_NxC)).astype(x_NxC.dtype)
+
+
+class GPT(nnx.Module):
+    """nanoGPT's GPT: token ids ``[B, T]`` in, fp32 next-token logits ``[B, T, vocab]`` out.
+
+    The module docstring lists the parameter paths and the precision rules.
+
+    Args:
+      config: the model's shape, a :class:`GPTConfig`.
+      rngs: its ``params`` stream initialises the weights (``nnx.Rngs(0)``).
+      dot_general: the matmul of every linear layer and of the output head, by default
+        :func:`jax.lax.dot_general`: the hook through which the precision layer runs them in
+        fp8 or int8. It is called as ``dot_general(x_NxI, kernel_IxO, (((1,), (0,)), ((), ())))``
+        and, for the tied head, ``dot_general(x_NxC, embedding_VxC, (((1,), (1,)), ((), ())))``.
+        The attention products multiply activations by activations and do not use it. A
+        module's ``dot_general`` attribute can also be set after construction, per layer.
+
+    Raises:
+      TypeError: ``config`` is not a :class:`GPTConfig`.
+
+    Examples:
+      Split once, then merge inside a plain ``jax.jit`` over the pure parameters, as a train
+      step does (calling ``model(tokens)`` directly works too, op by op).
+
+      >>> from flax import nnx
+      >>> config = GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=2, n_embd=8)
+      >>> graphdef, params = nnx.split(GPT(config, rngs=nnx.Rngs(0)), nnx.Param)
+      >>> forward = jax.jit(lambda params, tokens: nnx.merge(graphdef, params)(tokens))
+      >>> logits = forward(params, jnp.zeros((2, 8), jnp.int32))
+      >>> logits.shape, logits.dtype
+      ((2, 8, 8), dtype('float32'))
+
+    References:
+      Karpathy, `nanoGPT <https://github.com/karpathy/nanoGPT>`_, ``model.py``.
+    """
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dot_general: DotGeneral | None = None):
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.tok_embed = Embed(config.vocab_size, config.n_embd, dot_general=dot_general, rngs=rngs)
+        self.pos_embed = Embed(config.block_size, config.n_embd, rngs=rngs)
+        self.blocks = nnx.List(
+            [Block(config, dot_general=dot_general, rngs=rngs) for _ in range(config.n_layer)]
+        )
+        self.ln_f = LayerNorm(config.n_embd, bias=config.bias)
+        # nanoGPT's head never has a bias; tied, it is tok_embed.attend.
+        head = functools.partial(Linear, bias=False, std=_INIT_STD, dot_general=dot_general)
+        tied = config.tie_embeddings
+        self.lm_head = None if tied else head(config.n_embd, config.vocab_size, rngs=rngs)
+
+    def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
+        """Next-token logits ``[B, T, vocab]`` in fp32 for token ids ``[B, T]``."""
+        return self.from_embeddings(self.embed(tokens_BxT))
+
+    def embed(self, tokens_BxT: jax.Array) -> jax.Array:
+        """Token plus position embeddings ``[B, T, C]``, in the token embedding's dtype.
+
+        An id outside ``[0, vocab_size)`` embeds as NaN (``jnp.take``'s fill mode), so a bad
+        token shows up as a NaN loss instead of a silently clamped row.
+
+        Raises:
+          ValueError: ``tokens_BxT`` is not a 2-D integer array, or ``T > block_size``.
+        """
+        if tokens_BxT.ndim != 2 or not jnp.issubdtype(tokens_BxT.dtype, jnp.integer):
+            raise ValueError(
+                "tokens must be integer ids shaped [batch, time], got "
+                f"{tokens_BxT.dtype}{list(tokens_BxT.shape)}"
+            )
+        t = tokens_BxT.shape[1]
+        if t > self.config.block_size:
+            raise ValueError(
+                f"sequence length {t} exceeds the model's block_size {self.config.block_size}"
+            )
+        tok_BxTxC = self.tok_embed(tokens_BxT)
+        pos_TxC = self.pos_embed.embedding[...][:t].astype(tok_BxTxC.dtype)
+        return tok_BxTxC + pos_TxC
+
+    def from_embeddings(self, x_BxTxC: jax.Array) -> jax.Array:
+        """The blocks, final LayerNorm and head on embeddings ``[B, T, C]``: fp32 logits.
+
+        :meth:`__call__` is ``from_embeddings(embed(tokens))``. This entry point takes any
+        floating input, so a gradient with respect to the embeddings is one ``jax.grad`` away.
+        """
+        b, t, c = x_BxTxC.shape
+        x_NxC = x_BxTxC.reshape(b * t, c)
+        for block in self.blocks:
+            x_NxC = block(x_NxC, b)
+        x_NxC = self.ln_f(x_NxC)
+        head = self.tok_embed.attend if self.lm_head is None else self.lm_head
+        logits_NxV = head(x_NxC)
+        return logits_NxV.astype(jnp.float32).reshape(b, t, -1)  # fp32 island: the logits
+
+
+def _residual_std(config: GPTConfig) -> float:
+    # GPT-2's scaled init: 2 * n_layer residual branches add up along the stream.
+    return _INIT_STD / math.sqrt(2 * config.n_layer)

@@ -1,0 +1,138 @@
+"""The main job end to end at tiny size: `hybrid-jax train`, its outputs, resume, bad input."""
+
+import json
+import shutil
+
+import chex
+import numpy as np
+import pytest
+
+from hybrid_jax import cli
+from hybrid_jax.experiment import RunConfig, build, load_precision, train
+from hybrid_jax.precision import Policy, PrecisionRules
+from hybrid_jax.train import Checkpointer
+
+_TINY = [
+    "--steps",
+    "12",
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "16",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--eval-interval",
+    "6",
+    "--eval-batches",
+    "1",
+    "--no-progress",
+]
+
+
+def _config(**overrides):
+    base = dict(
+        steps=12,
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        block_size=16,
+        batch_size=4,
+        eval_interval=6,
+        eval_batches=1,
+        eval_batch_size=8,
+        sample_chars=20,
+    )
+    return RunConfig(**{**base, **overrides})
+
+
+_QUIET = dict(progress=False, log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The tiny run through the command line, 12 steps without a stop (compiled once, shared)."""
+    out = tmp_path_factory.mktemp("straight")
+    assert cli.main(["train", *_TINY, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def half(tmp_path_factory):
+    """The same run stopped after 6 steps."""
+    out = tmp_path_factory.mktemp("half")
+    train(_config(steps=6), out, **_QUIET)
+    return out
+
+
+def test_cli_train_runs_to_the_end_and_writes_its_outputs(straight, capsys, tmp_path):
+    summary = json.loads((straight / "summary.json").read_text())
+    for key in ("final_val_loss", "wall_time_s", "steps", "tokens_per_s", "settings"):
+        assert key in summary
+    assert summary["steps"] == 12 and summary["settings"]["precision"] == "bf16-mixed"
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
+    assert len([r for r in records if "loss" in r]) == 12
+    assert [r for r in records if "val_loss" in r][-1]["val_loss"] == pytest.approx(
+        summary["final_val_loss"]
+    )
+    with Checkpointer(straight / "checkpoints") as ckpt:
+        assert ckpt.latest_step() == 12
+    # Resuming a finished run trains nothing; the last line printed is the final val loss.
+    assert cli.main(["train", *_TINY, "--out", str(straight), "--resume"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"final val loss {summary['final_val_loss']:.4f}"
+
+
+def test_resumed_run_gives_the_same_parameters_as_an_uninterrupted_one(straight, half, tmp_path):
+    parts = tmp_path / "parts"
+    shutil.copytree(half, parts)
+    summary = train(_config(), parts, resume=True, **_QUIET)
+    assert summary["steps"] == 12
+    like = build(_config()).state
+    with Checkpointer(straight / "checkpoints") as a, Checkpointer(parts / "checkpoints") as b:
+        assert a.latest_step() == b.latest_step() == 12
+        state_a, _ = a.restore(like)
+        state_b, _ = b.restore(like)
+    chex.assert_trees_all_equal(state_a, state_b)  # bit-identical on one backend
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(half, tmp_path):
+    with pytest.raises(ValueError, match=r"other settings \(lr=0.001\)"):
+        train(_config(lr=3e-3), half, resume=True, **_QUIET)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(_config(), tmp_path / "new", resume=True, **_QUIET)
+
+
+def test_bad_data_and_flags_are_clear_errors(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert cli.main(["train", *_TINY, "--data", str(empty), "--out", str(tmp_path)]) == 2
+    assert "empty.txt" in capsys.readouterr().err
+    assert cli.main(["train", *_TINY, "--precision", "bf17", "--out", str(tmp_path)]) == 2
+    assert "cannot parse policy 'bf17'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--optimizer", "sgd"])
+
+
+def test_precision_rules_file(tmp_path):
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"rules": [["embed|ln_", "fp32"]], "default": "bf16-mixed"}))
+    loaded = load_precision(str(rules))
+    assert isinstance(loaded, PrecisionRules) and loaded.default == Policy.parse("bf16-mixed")
+    rules.write_text("[not json")
+    with pytest.raises(ValueError, match="precision rules file"):
+        load_precision(str(rules))
+
+
+def test_other_text_and_fp16_with_loss_scaling(tmp_path):
+    text = tmp_path / "abc.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    config = _config(
+        data=str(text), precision="fp16-mixed", optimizer="adamw", steps=4, eval_interval=4
+    )
+    summary = train(config, tmp_path / "out", **_QUIET)
+    assert np.isfinite(summary["final_val_loss"])
