@@ -40,8 +40,9 @@ def muon_adamw_rules(
     """The rules of :func:`muon_adamw`, to read, edit and pass to :func:`by_path`.
 
     In order: embeddings and the output head (one rule) get AdamW; norm gains and biases get
-    Adam without weight decay; the hidden 2-D weight matrices of the transformer blocks get Muon. A leaf that
-    none of them matches is an error, so a new kind of parameter is never optimized by accident.
+    Adam without weight decay; the hidden 2-D weight matrices of the transformer blocks get Muon.
+    A leaf that none of them matches is an error, so a new kind of parameter is never optimized
+    by accident.
     The patterns are :data:`EMBEDDING`, :data:`HEAD`, :data:`GAIN_OR_BIAS` and
     :data:`HIDDEN_MATRIX`; which leaf is which is decided by path, not by ``ndim`` (an embedding
     is 2-D too).
