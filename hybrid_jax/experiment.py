@@ -47,6 +47,7 @@ class RunConfig:
     n_embd: int = 128
     lr: float = 1e-3
     min_lr: float = 1e-4
+    muon_lr: float = 1e-2
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -120,7 +121,11 @@ def build_optimizer(config: RunConfig) -> optax.GradientTransformation:
             schedule, b1=0.9, b2=0.99, weight_decay=config.weight_decay, mask=decay_mask
         )
     else:
-        inner = muon_adamw(schedule, weight_decay=config.weight_decay)
+        # Muon follows the same warm-up and cosine, scaled to its own peak.
+        muon_schedule = lambda step: schedule(step) * (config.muon_lr / config.lr)
+        inner = muon_adamw(
+            schedule, muon_learning_rate=muon_schedule, weight_decay=config.weight_decay
+        )
     return optax.chain(optax.clip_by_global_norm(config.grad_clip), inner)
 
 
