@@ -2,6 +2,10 @@
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import chex
 import numpy as np
@@ -136,3 +140,32 @@ def test_other_text_and_fp16_with_loss_scaling(tmp_path):
     )
     summary = train(config, tmp_path / "out", **_QUIET)
     assert np.isfinite(summary["final_val_loss"])
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    args = [a if a != "12" else "100000" for a in _TINY]  # a run that would not end by itself
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from hybrid_jax.cli import run; run()",
+            "train",
+            *args,
+            "--out",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.stat().st_size):
+        time.sleep(0.2)  # wait until it is training
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "checkpoint saved" in out and "--resume" in out
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        step = ckpt.latest_step()
+    assert step is not None and step >= 1
