@@ -70,9 +70,23 @@ class NoOpLossScale:
         return self
 
 
+class _MultipliesByScale:
+    """``scale`` and ``unscale`` for loss scales that hold a ``loss_scale`` array."""
+
+    loss_scale: jax.Array
+
+    def scale(self, tree: T) -> T:
+        """Multiplies every floating leaf by the loss scale."""
+        return _multiply(tree, self.loss_scale)
+
+    def unscale(self, tree: T) -> T:
+        """Multiplies every floating leaf by ``1 / loss_scale``."""
+        return _multiply(tree, 1 / jnp.asarray(self.loss_scale))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class StaticLossScale:
+class StaticLossScale(_MultipliesByScale):
     """Scales the loss, and unscales gradients, by a fixed constant.
 
     Examples:
@@ -85,14 +99,6 @@ class StaticLossScale:
     def __post_init__(self):
         object.__setattr__(self, "loss_scale", _as_array(self.loss_scale))
 
-    def scale(self, tree: T) -> T:
-        """Multiplies every floating leaf by the loss scale."""
-        return _multiply(tree, self.loss_scale)
-
-    def unscale(self, tree: T) -> T:
-        """Multiplies every floating leaf by ``1 / loss_scale``."""
-        return _multiply(tree, 1 / jnp.asarray(self.loss_scale))
-
     def adjust(self, grads_finite: jax.Array) -> StaticLossScale:
         del grads_finite
         return self
@@ -100,7 +106,7 @@ class StaticLossScale:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class DynamicLossScale:
+class DynamicLossScale(_MultipliesByScale):
     """A loss scale that grows while gradients stay finite and backs off when they do not.
 
     Each call of ``adjust(grads_finite)`` follows jmp::
@@ -201,14 +207,6 @@ class DynamicLossScale:
             backoff=backoff_factor,
             min_loss_scale=0.0,
         )
-
-    def scale(self, tree: T) -> T:
-        """Multiplies every floating leaf by the loss scale."""
-        return _multiply(tree, self.loss_scale)
-
-    def unscale(self, tree: T) -> T:
-        """Multiplies every floating leaf by ``1 / loss_scale``."""
-        return _multiply(tree, 1 / jnp.asarray(self.loss_scale))
 
     def adjust(self, grads_finite: jax.Array) -> DynamicLossScale:
         """The next state, given whether this step's gradients were all finite (a scalar bool)."""
