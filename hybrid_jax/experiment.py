@@ -361,7 +361,7 @@ def train(
                 )
                 raise KeyboardInterrupt
         if pending is not None:
-            read(pending, config.steps)
+            bar.update(config.steps, read(pending, config.steps)["loss"], timer.rate())
         jax.block_until_ready(state)
         tokens_per_s = timer.rate()
         if first >= config.steps:  # nothing left to train: evaluate what was restored
