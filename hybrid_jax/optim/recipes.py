@@ -20,12 +20,6 @@ GAIN_OR_BIAS = r"(^|/)(ln_\w+|norm\w*)/|(^|/)bias$"
 HIDDEN_MATRIX = r"(^|/)blocks/\d+/.*kernel$"
 
 
-def _scaled(learning_rate: Schedule, factor: float) -> Schedule:
-    if callable(learning_rate):
-        return lambda step: factor * learning_rate(step)
-    return factor * learning_rate
-
-
 def muon_adamw_rules(
     learning_rate: Schedule = 1e-3,
     *,
