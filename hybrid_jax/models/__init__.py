@@ -1,6 +1,17 @@
-"""Flax NNX models: a nanoGPT-equivalent GPT and a tiny MLP."""
+"""Flax NNX models: a nanoGPT-equivalent GPT, a tiny MLP, and per-layer quantized matmuls."""
 
 from hybrid_jax.models.gpt import GPT, GPTConfig, causal_attention, gelu, layer_norm
+from hybrid_jax.models.matmuls import DelayedFp8DotGeneral, Fp8Meta, quantize_matmuls
 from hybrid_jax.models.mlp import MLP
 
-__all__ = ["GPT", "MLP", "GPTConfig", "causal_attention", "gelu", "layer_norm"]
+__all__ = [
+    "GPT",
+    "MLP",
+    "DelayedFp8DotGeneral",
+    "Fp8Meta",
+    "GPTConfig",
+    "causal_attention",
+    "gelu",
+    "layer_norm",
+    "quantize_matmuls",
+]

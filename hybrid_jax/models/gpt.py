@@ -304,7 +304,8 @@ class Embed(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.embedding = nnx.Param(_normal(rngs, (num_embeddings, features), _INIT_STD))
-        self.dot_general = dot_general or jax.lax.dot_general
+        # None: the table is only looked up, never a head, so it has no matmul to quantize.
+        self.dot_general = dot_general
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0)
@@ -312,7 +313,8 @@ class Embed(nnx.Module):
     def attend(self, x_NxC: jax.Array) -> jax.Array:
         """``x @ embedding.T``: a score per table row, in the embedding's dtype."""
         embedding_VxC = self.embedding[...]
-        return self.dot_general(x_NxC.astype(embedding_VxC.dtype), embedding_VxC, _MATMUL_T)
+        dot_general = self.dot_general or jax.lax.dot_general
+        return dot_general(x_NxC.astype(embedding_VxC.dtype), embedding_VxC, _MATMUL_T)
 
 
 class LayerNorm(nnx.Module):
@@ -417,7 +419,9 @@ class GPT(nnx.Module):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = config
-        self.tok_embed = Embed(config.vocab_size, config.n_embd, dot_general=dot_general, rngs=rngs)
+        tied = config.tie_embeddings
+        head_dot = (dot_general or jax.lax.dot_general) if tied else None
+        self.tok_embed = Embed(config.vocab_size, config.n_embd, dot_general=head_dot, rngs=rngs)
         self.pos_embed = Embed(config.block_size, config.n_embd, rngs=rngs)
         self.blocks = nnx.List(
             [Block(config, dot_general=dot_general, rngs=rngs) for _ in range(config.n_layer)]
@@ -425,7 +429,6 @@ class GPT(nnx.Module):
         self.ln_f = LayerNorm(config.n_embd, bias=config.bias)
         # nanoGPT's head never has a bias; tied, it is tok_embed.attend.
         head = functools.partial(Linear, bias=False, std=_INIT_STD, dot_general=dot_general)
-        tied = config.tie_embeddings
         self.lm_head = None if tied else head(config.n_embd, config.vocab_size, rngs=rngs)
 
     def __call__(self, tokens_BxT: jax.Array) -> jax.Array:

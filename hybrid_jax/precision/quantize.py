@@ -28,6 +28,28 @@ def _check_quantized(dtype) -> np.dtype:
     return dtype
 
 
+def amax(x: jax.Array) -> jax.Array:
+    """The largest finite magnitude of ``x`` (0 if there is none), in at least fp32.
+
+    Examples:
+      >>> amax(jnp.array([0.5, -2.0, jnp.inf]))
+      Array(2., dtype=float32)
+    """
+    magnitude = jnp.abs(x.astype(dtypes.at_least_f32(x.dtype)))
+    return jnp.max(jnp.where(jnp.isfinite(magnitude), magnitude, 0), initial=0)
+
+
+def scale_from_amax(amax: jax.Array, dtype) -> jax.Array:
+    """The scale that maps a magnitude ``amax`` onto ``dtype``'s maximum (1 when ``amax`` is 0).
+
+    The scale is capped at the largest finite value of ``amax``'s dtype, so that it stays finite.
+    """
+    dtype = _check_quantized(dtype)
+    fmax = np.asarray(dtypes.format_max(dtype), amax.dtype)
+    scale = jnp.minimum(fmax / jnp.where(amax > 0, amax, fmax), np.finfo(amax.dtype).max)
+    return scale.astype(amax.dtype)
+
+
 def amax_scale(x: jax.Array, dtype) -> jax.Array:
     """The per-tensor scale that maps ``x``'s largest finite magnitude onto ``dtype``'s maximum.
 
@@ -42,13 +64,7 @@ def amax_scale(x: jax.Array, dtype) -> jax.Array:
     Returns:
       A scalar fp32 (fp64 for fp64 input) scale: ``format_max / amax(x)``.
     """
-    dtype = _check_quantized(dtype)
-    work = dtypes.at_least_f32(x.dtype)
-    magnitude = jnp.abs(x.astype(work))
-    amax = jnp.max(jnp.where(jnp.isfinite(magnitude), magnitude, 0), initial=0)
-    fmax = np.asarray(dtypes.format_max(dtype), work)
-    scale = jnp.minimum(fmax / jnp.where(amax > 0, amax, fmax), np.finfo(work).max)
-    return scale.astype(work)
+    return scale_from_amax(amax(x), dtype)
 
 
 def quantize(x: jax.Array, dtype, scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -87,6 +103,17 @@ def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
     return (q.astype(work) / scale.astype(work)).astype(dtype)
 
 
+def round_trip(x: jax.Array, dtype, carrier_dtype, scale: jax.Array | None = None) -> jax.Array:
+    """``dequantize(*quantize(x, dtype, scale), carrier_dtype)``, with non-finite values kept.
+
+    The forward value of :func:`quantize_dequantize`, without its custom gradient: the building
+    block of the quantized matmuls, which define their own.
+    """
+    q, scale = quantize(x, dtype, scale)
+    y = dequantize(q, scale, carrier_dtype)
+    return jnp.where(jnp.isfinite(x), y, x.astype(carrier_dtype))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def quantize_dequantize(x: jax.Array, dtype, carrier_dtype=jnp.bfloat16) -> jax.Array:
     """Rounds ``x`` onto the grid of a scaled fp8 or int8 format, with a straight-through gradient.
@@ -116,9 +143,7 @@ def quantize_dequantize(x: jax.Array, dtype, carrier_dtype=jnp.bfloat16) -> jax.
       Micikevicius et al., 2022, `FP8 Formats for Deep Learning
       <https://arxiv.org/abs/2209.05433>`_.
     """
-    q, scale = quantize(x, dtype)
-    y = dequantize(q, scale, carrier_dtype)
-    return jnp.where(jnp.isfinite(x), y, x.astype(carrier_dtype))
+    return round_trip(x, dtype, carrier_dtype)
 
 
 def _qdq_fwd(x, dtype, carrier_dtype):

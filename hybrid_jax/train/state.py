@@ -30,6 +30,8 @@ class TrainState:
       weight_params: the weighting's learned parameters (``{}`` unless adaptive).
       weight_opt_state: their optimizer's state (``()`` when there is none).
       weight_state: the weighting's non-learned state (``{}`` unless it keeps a history).
+      fp8_meta: the amax histories of delayed-scaling fp8 matmuls (``{}`` unless the model has
+        them; :class:`~hybrid_jax.models.Fp8Meta`). The step replaces them every step.
     """
 
     step: jax.Array
@@ -40,6 +42,7 @@ class TrainState:
     weight_params: Any = dataclasses.field(default_factory=dict)
     weight_opt_state: Any = ()
     weight_state: Any = dataclasses.field(default_factory=dict)
+    fp8_meta: Any = dataclasses.field(default_factory=dict)
 
     @classmethod
     def create(
@@ -52,6 +55,7 @@ class TrainState:
         precision: Precision | None = None,
         weighting: Weighting | None = None,
         loss_names: Sequence[str] | None = None,
+        fp8_meta: Any = None,
     ) -> TrainState:
         """A fresh state at step 0.
 
@@ -65,6 +69,9 @@ class TrainState:
           weighting: the loss weighting the step uses, if it keeps learned parameters or state.
           loss_names: the loss terms' names, for weightings that learn per term
             (``Weighted`` knows them from its weights).
+          fp8_meta: amax histories of delayed-scaling fp8 matmuls, e.g. the third state of
+            ``nnx.split(model, nnx.Param, Fp8Meta)``; the loss function then gets them as a
+            fourth argument.
 
         Returns:
           The ``TrainState``.
@@ -108,4 +115,5 @@ class TrainState:
             weight_params=weight_params,
             weight_opt_state=weight_opt_state,
             weight_state=weight_state,
+            fp8_meta={} if fp8_meta is None else fp8_meta,
         )

@@ -95,6 +95,9 @@ def make_train_step(
     Args:
       loss_terms_fn: ``(compute_params, batch, rng) -> {name: scalar}``; gets the parameters
         already cast to compute precision, and a PRNG key for this step (and micro-batch).
+        When ``state.fp8_meta`` holds delayed-scaling amax histories it is called with them
+        as a fourth argument, ``(compute_params, batch, rng, fp8_meta)``; their "gradient" is
+        their new value, which replaces them (skipped steps keep the old ones).
       optimizer: any ``optax.GradientTransformation``, e.g. ``hybrid_jax.optim.by_path(...)``;
         it updates the master parameters in their param dtype.
       weighting: a :class:`~hybrid_jax.losses.Weighting` (``Weighted``, ``Uncertainty``,
@@ -140,23 +143,34 @@ def make_train_step(
         _check_param_dtypes(state.params, policies)
         scale = state.loss_scale
         key = jax.random.fold_in(state.rng, state.step)
+        has_fp8_meta = bool(jax.tree_util.tree_leaves(state.fp8_meta))
+        if has_fp8_meta and per_term:
+            raise ValueError(
+                f"{mixer!r} takes per-term gradients, which would each carry a new fp8 amax "
+                "history; use current fp8 scaling (no fp8_meta) with gradient mixing"
+            )
 
-        def terms_fn(params, micro_batch, micro_key):
-            return loss_terms_fn(cast_to_compute(params, policies), micro_batch, micro_key)
+        def terms_fn(params, micro_batch, micro_key, fp8_meta):
+            extra = (fp8_meta,) if has_fp8_meta else ()
+            return loss_terms_fn(cast_to_compute(params, policies), micro_batch, micro_key, *extra)
 
         def weight_objective(weight_params, terms):
             total, metrics = weighting(terms, weight_params, state.weight_state, state.step)
             return scale.scale(total), (terms, total, metrics)
 
-        def objective(params, weight_params, micro_batch, micro_key):
-            return weight_objective(weight_params, terms_fn(params, micro_batch, micro_key))
+        def objective(params, weight_params, fp8_meta, micro_batch, micro_key):
+            terms = terms_fn(params, micro_batch, micro_key, fp8_meta)
+            return weight_objective(weight_params, terms)
 
-        def micro_grads(micro_batch, micro_key):
-            """Scaled gradients for one micro-batch: (model grads, weight grads), aux."""
+        def micro_grads(micro_batch, micro_key, fp8_meta):
+            """Scaled gradients for one micro-batch: (model grads, weight grads), aux, and the
+            fp8 amax histories after it (their "gradient" is their new value)."""
             if not per_term:
-                grad_fn = jax.grad(objective, argnums=(0, 1), has_aux=True)
-                grads, aux = grad_fn(state.params, state.weight_params, micro_batch, micro_key)
-                return grads, aux
+                grad_fn = jax.grad(objective, argnums=(0, 1, 2), has_aux=True)
+                (*grads, new_meta), aux = grad_fn(
+                    state.params, state.weight_params, fp8_meta, micro_batch, micro_key
+                )
+                return tuple(grads), aux, new_meta
 
             def weights(terms):
                 _, metrics = weighting(terms, state.weight_params, state.weight_state, state.step)
@@ -164,28 +178,39 @@ def make_train_step(
                 return jax.lax.stop_gradient(scaled)
 
             terms, stacked = term_gradients(
-                terms_fn, state.params, micro_batch, micro_key, weights=weights
+                lambda p, b, k: terms_fn(p, b, k, fp8_meta),
+                state.params,
+                micro_batch,
+                micro_key,
+                weights=weights,
             )
             # The weighting's own parameters see the terms as constants.
             weight_grads, aux = jax.grad(weight_objective, has_aux=True)(
                 state.weight_params, jax.lax.stop_gradient(terms)
             )
-            return (stacked, weight_grads), aux
+            return (stacked, weight_grads), aux, fp8_meta
 
         if grad_accum == 1:
-            grads, (terms, total, metrics) = micro_grads(batch, key)
+            grads, (terms, total, metrics), fp8_meta = micro_grads(batch, key, state.fp8_meta)
         else:
             micro = _split_micro(batch, grad_accum)
 
             def body(carry, xs):
+                summed, fp8_meta = carry
                 i, micro_batch = xs
-                grads, aux = micro_grads(micro_batch, jax.random.fold_in(key, i))
+                grads, aux, fp8_meta = micro_grads(
+                    micro_batch, jax.random.fold_in(key, i), fp8_meta
+                )
                 add = lambda a, g: a + g.astype(jnp.float32)
-                return jax.tree_util.tree_map(add, carry, (grads, aux)), None
+                return (jax.tree_util.tree_map(add, summed, (grads, aux)), fp8_meta), None
 
-            shapes = jax.eval_shape(micro_grads, jax.tree_util.tree_map(lambda x: x[0], micro), key)
+            shapes = jax.eval_shape(
+                micro_grads, jax.tree_util.tree_map(lambda x: x[0], micro), key, state.fp8_meta
+            )[:2]
             zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
-            summed, _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
+            (summed, fp8_meta), _ = jax.lax.scan(
+                body, (zeros, state.fp8_meta), (jnp.arange(grad_accum), micro)
+            )
             mean = jax.tree_util.tree_map(
                 lambda s, like: (s / grad_accum).astype(like.dtype), summed, shapes
             )
@@ -210,13 +235,14 @@ def make_train_step(
         weight_state = weighting.update(terms, state.weight_state, state.step)
 
         new, old = (
-            (params, opt_state, weight_params, weight_opt_state, weight_state),
+            (params, opt_state, weight_params, weight_opt_state, weight_state, fp8_meta),
             (
                 state.params,
                 state.opt_state,
                 state.weight_params,
                 state.weight_opt_state,
                 state.weight_state,
+                state.fp8_meta,
             ),
         )
         kept = select_tree(finite, new, old)
@@ -229,6 +255,7 @@ def make_train_step(
             weight_params=kept[2],
             weight_opt_state=kept[3],
             weight_state=kept[4],
+            fp8_meta=kept[5],
         )
         metrics = {
             "loss": total.astype(jnp.float32),
@@ -244,26 +271,32 @@ def make_train_step(
 
 def make_eval_step(
     loss_terms_fn: LossTermsFn, *, precision: Precision = "fp32"
-) -> Callable[[Any, Any], dict[str, jax.Array]]:
-    """A jitted ``(params, batch) -> {name: scalar}`` evaluating the loss terms at compute
-    precision, with a fixed key (evaluation draws no randomness that varies between calls)."""
+) -> Callable[..., dict[str, jax.Array]]:
+    """A jitted ``(params, batch, fp8_meta=None) -> {name: scalar}`` evaluating the loss terms
+    at compute precision, with a fixed key (evaluation draws no randomness that varies between
+    calls). ``fp8_meta``, when given, is passed on to ``loss_terms_fn`` as in the train step."""
 
-    def eval_fn(params, batch):
+    def eval_fn(params, batch, fp8_meta=None):
+        extra = () if fp8_meta is None else (fp8_meta,)
         terms = loss_terms_fn(
             cast_to_compute(params, plan(params, precision)),
             batch,
             jax.random.key_data(jax.random.key(0)),
+            *extra,
         )
         return {name: jnp.asarray(t, jnp.float32) for name, t in terms.items()}
 
     return jax.jit(eval_fn)
 
 
-def evaluate(eval_step: Callable, params: Any, batches: Any) -> dict[str, float]:
+def evaluate(
+    eval_step: Callable, params: Any, batches: Any, fp8_meta: Any = None
+) -> dict[str, float]:
     """The mean of each loss term over a fixed set of batches (a pytree with a leading axis)."""
     n = jax.tree_util.tree_leaves(batches)[0].shape[0]
+    extra = () if fp8_meta is None else (fp8_meta,)
     sums: dict[str, Any] = {}
     for i in range(n):
-        terms = eval_step(params, jax.tree_util.tree_map(lambda x, i=i: x[i], batches))
+        terms = eval_step(params, jax.tree_util.tree_map(lambda x, i=i: x[i], batches), *extra)
         sums = {k: sums.get(k, 0.0) + v for k, v in terms.items()}
     return {k: float(v) / n for k, v in jax.device_get(sums).items()}
