@@ -27,6 +27,20 @@ _NO_DEFAULT: Any = object()
 _MAX_LISTED = 20
 
 
+class CompoundLeaf:
+    """A pytree node that paths and rules treat as one leaf.
+
+    Subclasses hold several arrays that together are one parameter, such as an int8 weight's
+    codes and scales: the parameter has one path (``blocks/0/mlp/fc/kernel``, not
+    ``.../kernel/codes``), one rule decides it, and a cast treats it as a whole.
+    """
+
+
+def is_leaf(x: Any) -> bool:
+    """Whether :func:`leaves_with_paths` stops at ``x``: a :class:`CompoundLeaf`."""
+    return isinstance(x, CompoundLeaf)
+
+
 class UnusedRuleWarning(UserWarning):
     """A rule decided no leaf: it matches nothing, or only leaves an earlier rule took."""
 
@@ -62,8 +76,11 @@ def path_str(keypath: Sequence[Any]) -> str:
 
 
 def leaves_with_paths(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
-    """Flattens ``tree`` into ``[(path, leaf), ...]`` in leaf order, and its treedef."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    """Flattens ``tree`` into ``[(path, leaf), ...]`` in leaf order, and its treedef.
+
+    A :class:`CompoundLeaf` is one leaf.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return [(path_str(kp), leaf) for kp, leaf in flat], treedef
 
 
@@ -241,7 +258,9 @@ def assign(
 
 def map_with_path(fn: Callable[[str, Any], Any], tree: Any, *rest: Any) -> Any:
     """Like :func:`jax.tree_util.tree_map`, but ``fn`` also receives each leaf's path string."""
-    return jax.tree_util.tree_map_with_path(lambda kp, *xs: fn(path_str(kp), *xs), tree, *rest)
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, *xs: fn(path_str(kp), *xs), tree, *rest, is_leaf=is_leaf
+    )
 
 
 def _as_compiled(rules, kind):

@@ -83,7 +83,13 @@ _REJECTED = {
     "p=F32": "unknown dtype 'F32'",
     "x=f32": "unknown key 'x'",
     "param=f32": "unknown key 'param'",
-    "p=int8": "param_dtype cannot be int8",
+    "p=e4m3": "param_dtype cannot be e4m3",
+    "p=bf16,update=up": "update='up' is not a rounding",
+    "p=f32,update=sr": "update=stochastic needs params in bf16",
+    "p=bf16,master=f32,update=kahan": "exclude each other",
+    "master=f32": "a master copy must be wider than bf16/f16 params",
+    "p=bf16,mu=e4m3": "mu_dtype cannot be e4m3",
+    "p=bf16,nu=int8,nu=bf16": "sets nu_dtype a second time",
     "int32": "unknown dtype 'int32'",
     "c=f32;o=f32": "item 'c=f32;o=f32' is not of the form key=dtype",
     "p=f32,c": "item 'c' is not of the form key=dtype",
@@ -180,7 +186,7 @@ def test_policy_is_frozen_hashable_and_a_valid_static_argument():
 
 def test_only_compute_may_be_quantized():
     assert hj.Policy("f32", "int8", "f32").compute_dtype == jnp.int8
-    for bad in [("int8", "f32", "f32"), ("f32", "f32", "e4m3"), ("f32", "e5m2", "f32", "e5m2")]:
+    for bad in [("e4m3", "f32", "f32"), ("f32", "f32", "e4m3"), ("f32", "e5m2", "f32", "e5m2")]:
         with pytest.raises(ValueError, match="only compute_dtype may be fp8 or int8"):
             hj.Policy(*bad)
     # A quantized compute's output defaults to the carrier that holds its values.
@@ -271,3 +277,44 @@ def test_all_combinations_of_keys_and_aliases_agree_with_jmp():
         theirs = jmp.get_policy(spec)
         assert hj.Policy.parse(spec).compute_dtype == np.dtype(theirs.compute_dtype), spec
         assert hj.Policy.parse(spec).output_dtype == np.dtype(theirs.output_dtype), spec
+
+
+def test_optimizer_keys_extend_the_grammar_and_round_trip():
+    lean = hj.Policy.parse("p=bf16,c=fp8_e4m3,master=none,mu=bf16,nu=int8,update=sr")
+    assert (lean.param_dtype, lean.compute_dtype, lean.output_dtype) == (
+        jnp.bfloat16,
+        jnp.float8_e4m3fn,
+        jnp.bfloat16,  # a quantized compute's output follows the carrier
+    )
+    assert (lean.master_dtype, lean.mu_dtype, lean.nu_dtype) == (None, jnp.bfloat16, jnp.int8)
+    assert lean.update == "stochastic"
+    assert str(lean) == "p=bf16,c=e4m3,o=bf16,mu=bf16,nu=int8,update=stochastic"
+    for spec in [
+        "p=bf16,master=f32",
+        "p=f16,c=f16,update=kahan,grad=f16",
+        "bf16-lean",
+        "bf16-pure-sr",
+        "p=int8,c=bf16",
+    ]:
+        policy = hj.Policy.parse(spec)
+        assert hj.Policy.parse(str(policy)) == policy
+    # jmp's strings keep meaning what they meant: no optimizer fields appear.
+    assert (
+        str(hj.Policy.parse("params=float32,compute=bfloat16,output=float32"))
+        == "p=f32,c=bf16,o=f32"
+    )
+
+
+def test_int8_params_are_stored_as_int8_weights():
+    from hybrid_jax.precision.storage import Int8Weight
+
+    tree = {"w": jnp.array([[0.5, -0.01], [0.25, 0.02]]), "b": jnp.ones(2)}
+    rules = hj.PrecisionRules([("w", "p=int8,c=bf16")], default="fp32")
+    stored = hj.cast_to_param(tree, rules)
+    assert isinstance(stored["w"], Int8Weight) and stored["b"].dtype == jnp.float32
+    assert hj.cast_to_param(stored, rules)["w"] is stored["w"]  # idempotent
+    compute = hj.cast_to_compute(stored, rules)
+    assert compute["w"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(compute["w"], tree["w"], rtol=2**-8, atol=0.5 * 0.5 / 127)
+    # The summary counts codes and per-channel scales: 4 bytes + 2 x 4 bytes.
+    assert "12 B" in str(rules.summary(stored))

@@ -14,6 +14,7 @@ from hybrid_jax import tree as tree_lib
 from hybrid_jax._table import Table, format_bytes
 from hybrid_jax.precision import dtypes
 from hybrid_jax.precision.policy import Policy, cast_floating, cast_leaf
+from hybrid_jax.precision.storage import Int8Weight
 
 T = TypeVar("T")
 
@@ -105,16 +106,19 @@ class PrecisionRules:
         for (path, leaf), index in zip(flat, indices, strict=True):
             shape, leaf_dtype = tuple(np.shape(leaf)), np.dtype(leaf.dtype)
             policy = self._policy(index)
-            if jnp.issubdtype(leaf_dtype, jnp.floating):
+            if jnp.issubdtype(leaf_dtype, jnp.floating) or isinstance(leaf, Int8Weight):
                 names = [
                     dtypes.short_name(d)
                     for d in (policy.param_dtype, policy.compute_dtype, policy.output_dtype)
                 ]
                 stored = policy.param_dtype
             else:
-                names, stored = [leaf_dtype.name] * 3, leaf_dtype
+                names, stored = [leaf_dtype.name] * 3, None
+            stored, int8_storage = stored or leaf_dtype, stored == dtypes.INT8
             size = int(np.prod(shape, dtype=np.int64))
             nbytes = size * stored.itemsize
+            if int8_storage:  # an Int8Weight: its per-channel fp32 scales too
+                nbytes += 4 * (shape[-1] if len(shape) >= 2 else 1)
             total_size, total_bytes = total_size + size, total_bytes + nbytes
             rule = "(default)" if index < 0 else self.rules[index].pattern
             rows.append((path, shape, size, rule, *names, format_bytes(nbytes)))
@@ -132,16 +136,17 @@ def plan(tree: Any, precision: Precision) -> Any:
     """The plan of ``precision`` for ``tree``: a tree of ``Policy`` shaped like ``tree``."""
     if isinstance(precision, (Policy, str)):
         policy = Policy.parse(precision)
-        return jax.tree_util.tree_map(lambda _: policy, tree)
+        return jax.tree_util.tree_map(lambda _: policy, tree, is_leaf=tree_lib.is_leaf)
     if isinstance(precision, PrecisionRules):
         return precision.plan(tree)
     return precision
 
 
 def _cast(tree: T, precision: Precision, field: str) -> T:
+    storage = field == "param_dtype"
     if isinstance(precision, (Policy, str)):
         policy = Policy.parse(precision)
-        return cast_floating(tree, getattr(policy, field), policy.carrier_dtype)
+        return cast_floating(tree, getattr(policy, field), policy.carrier_dtype, storage=storage)
     policies = plan(tree, precision)
     is_policy = lambda x: isinstance(x, Policy)
     plan_paths = [
@@ -158,7 +163,7 @@ def _cast(tree: T, precision: Precision, field: str) -> T:
             "policies)"
         )
     return jax.tree_util.tree_map(
-        lambda p, x: cast_leaf(x, getattr(p, field), p.carrier_dtype),
+        lambda p, x: cast_leaf(x, getattr(p, field), p.carrier_dtype, storage=storage),
         policies,
         tree,
         is_leaf=is_policy,

@@ -8,11 +8,41 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from hybrid_jax import tree as tree_lib
 from hybrid_jax.losses import Weighted, Weighting
 from hybrid_jax.precision import LossScale, NoOpLossScale, cast_to_param
 from hybrid_jax.precision.rules import Precision
+
+
+def _trainable(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+
+
+def split_frozen(params: Any) -> tuple[Any, Any]:
+    """Splits ``params`` into what the optimizer trains and what stays constant.
+
+    Trainable leaves are floating-point arrays. Integer and boolean leaves and int8-stored
+    weights (:class:`~hybrid_jax.precision.storage.Int8Weight`) are frozen: they get no gradient
+    and no optimizer state. Each of the two trees has ``None`` where the other has a leaf.
+
+    Returns:
+      ``(trainable, frozen)``; :func:`merge_frozen` puts them back together.
+    """
+    is_leaf = lambda x: x is None or tree_lib.is_leaf(x)
+    keep = lambda want: lambda x: x if _trainable(x) == want else None
+    trainable = jax.tree_util.tree_map(keep(True), params, is_leaf=is_leaf)
+    frozen = jax.tree_util.tree_map(keep(False), params, is_leaf=is_leaf)
+    return trainable, frozen
+
+
+def merge_frozen(trainable: Any, frozen: Any) -> Any:
+    """The inverse of :func:`split_frozen`."""
+    return jax.tree_util.tree_map(
+        lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
+    )
 
 
 @jax.tree_util.register_dataclass
@@ -23,7 +53,7 @@ class TrainState:
     Attributes:
       step: steps taken (int32), skipped ones included.
       params: the master parameters, in their param dtypes (fp32 unless a policy says otherwise).
-      opt_state: the optimizer's state.
+      opt_state: the optimizer's state, for the trainable parameters (:func:`split_frozen`).
       loss_scale: a loss scale (``NoOpLossScale``, ``StaticLossScale``, ``DynamicLossScale``).
       rng: a raw ``uint32[2]`` PRNG key; step ``t`` uses ``fold_in(rng, t)``, so a resumed run
         draws the same randomness as an uninterrupted one.
@@ -105,7 +135,7 @@ class TrainState:
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            opt_state=optimizer.init(params),
+            opt_state=optimizer.init(split_frozen(params)[0]),
             # A copy: the step donates the state, which must not delete the caller's loss scale
             # (often the same object also handed to make_train_step or to the next create).
             loss_scale=jax.tree_util.tree_map(jnp.copy, loss_scale)
@@ -117,3 +147,45 @@ class TrainState:
             weight_state=weight_state,
             fp8_meta={} if fp8_meta is None else fp8_meta,
         )
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(
+        int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+        for x in jax.tree_util.tree_leaves(tree)
+        if hasattr(x, "dtype")
+    )
+
+
+def state_bytes(state: TrainState) -> dict[str, float]:
+    """The bytes a train state holds, from its arrays, and their ratio to the parameter count.
+
+    Args:
+      state: a :class:`TrainState` (arrays or ``jax.ShapeDtypeStruct`` leaves).
+
+    Returns:
+      ``params``, ``opt_state`` and ``other`` (step, rng, loss scale, loss weighting, fp8
+      histories) bytes, ``total``, ``num_params`` (values in the parameters: an int8-stored
+      weight counts its codes) and ``bytes_per_param`` (``total / num_params``): 12 for fp32
+      AdamW (4 for the weight, 8 for its two moments).
+
+    Examples:
+      >>> state = TrainState.create({"w": jnp.zeros(1000)}, optax.adam(1e-3))
+      >>> round(state_bytes(state)["bytes_per_param"], 2)
+      12.02
+    """
+    params = _nbytes(state.params)
+    opt_state = _nbytes(state.opt_state)
+    total = _nbytes(state)
+    num_params = sum(
+        int(np.prod(x.shape, dtype=np.int64))
+        for x in jax.tree_util.tree_leaves(state.params, is_leaf=tree_lib.is_leaf)
+    )
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "other": total - params - opt_state,
+        "total": total,
+        "num_params": num_params,
+        "bytes_per_param": total / max(num_params, 1),
+    }

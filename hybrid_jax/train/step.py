@@ -27,7 +27,7 @@ from hybrid_jax.precision import (
     select_tree,
 )
 from hybrid_jax.precision.rules import Precision
-from hybrid_jax.train.state import TrainState
+from hybrid_jax.train.state import TrainState, merge_frozen, split_frozen
 
 LossTermsFn = Callable[[Any, Any, jax.Array], Mapping[str, jax.Array]]
 Metrics = dict[str, jax.Array]
@@ -143,6 +143,8 @@ def make_train_step(
         _check_param_dtypes(state.params, policies)
         scale = state.loss_scale
         key = jax.random.fold_in(state.rng, state.step)
+        # Gradients, optimizer and update see only the trainable leaves; the rest is constant.
+        trainable, frozen = split_frozen(state.params)
         has_fp8_meta = bool(jax.tree_util.tree_leaves(state.fp8_meta))
         if has_fp8_meta and per_term:
             raise ValueError(
@@ -150,9 +152,10 @@ def make_train_step(
                 "history; use current fp8 scaling (no fp8_meta) with gradient mixing"
             )
 
-        def terms_fn(params, micro_batch, micro_key, fp8_meta):
+        def terms_fn(trainable, micro_batch, micro_key, fp8_meta):
             extra = (fp8_meta,) if has_fp8_meta else ()
-            return loss_terms_fn(cast_to_compute(params, policies), micro_batch, micro_key, *extra)
+            compute = cast_to_compute(merge_frozen(trainable, frozen), policies)
+            return loss_terms_fn(compute, micro_batch, micro_key, *extra)
 
         def weight_objective(weight_params, terms):
             total, metrics = weighting(terms, weight_params, state.weight_state, state.step)
@@ -168,7 +171,7 @@ def make_train_step(
             if not per_term:
                 grad_fn = jax.grad(objective, argnums=(0, 1, 2), has_aux=True)
                 (*grads, new_meta), aux = grad_fn(
-                    state.params, state.weight_params, fp8_meta, micro_batch, micro_key
+                    trainable, state.weight_params, fp8_meta, micro_batch, micro_key
                 )
                 return tuple(grads), aux, new_meta
 
@@ -179,7 +182,7 @@ def make_train_step(
 
             terms, stacked = term_gradients(
                 lambda p, b, k: terms_fn(p, b, k, fp8_meta),
-                state.params,
+                trainable,
                 micro_batch,
                 micro_key,
                 weights=weights,
@@ -224,8 +227,8 @@ def make_train_step(
         # Optax's own code (Adam's bias correction, schedules) mixes int32 and float, which
         # strict promotion refuses; the rest of the step stays under the caller's setting.
         with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = optimizer.update(model_grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
+            updates, opt_state = optimizer.update(model_grads, state.opt_state, trainable)
+            params = merge_frozen(optax.apply_updates(trainable, updates), frozen)
             weight_params, weight_opt_state = state.weight_params, state.weight_opt_state
             if weighting.optimizer is not None:
                 w_updates, weight_opt_state = weighting.optimizer.update(
