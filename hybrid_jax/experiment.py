@@ -25,12 +25,14 @@ from flax import nnx
 
 from hybrid_jax import data as data_lib
 from hybrid_jax.losses import Weighted, cross_entropy, z_loss
-from hybrid_jax.models import GPT, GPTConfig
-from hybrid_jax.optim import muon_adamw
+from hybrid_jax.models import GPT, Fp8Meta, GPTConfig, quantize_matmuls
+from hybrid_jax.models.matmuls import FP8_SCALINGS
+from hybrid_jax.optim import muon_adamw, with_precision
 from hybrid_jax.precision import DynamicLossScale, NoOpLossScale, Policy, PrecisionRules
 from hybrid_jax.train import Checkpointer, TrainState, evaluate, make_eval_step, make_train_step
 
 OPTIMIZERS = ("muon_adamw", "adamw")
+LOSS_SCALES = ("auto", "dynamic", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +60,18 @@ class RunConfig:
     eval_batches: int = 25
     eval_batch_size: int = 64
     sample_chars: int = 300
+    fp8_scaling: str = "current"
+    loss_scale: str = "auto"
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
+        if self.loss_scale not in LOSS_SCALES:
+            raise ValueError(f"unknown loss_scale {self.loss_scale!r}; choose from {LOSS_SCALES}")
+        if self.fp8_scaling not in FP8_SCALINGS:
+            raise ValueError(
+                f"unknown fp8_scaling {self.fp8_scaling!r}; choose from {FP8_SCALINGS}"
+            )
         for name in (
             "steps",
             "batch_size",
@@ -78,35 +88,45 @@ class RunConfig:
 
 
 def load_precision(spec: str) -> Policy | PrecisionRules:
-    """A preset or policy string, or the path of a JSON rules file.
+    """A preset or policy string, the path of a JSON rules file, or the JSON itself.
 
-    A rules file holds ``{"rules": [[pattern, policy], ...], "default": policy}`` (``default``
+    Rules in JSON are ``{"rules": [[pattern, policy], ...], "default": policy}`` (``default``
     optional), e.g. ``{"rules": [["embed|ln_", "fp32"]], "default": "bf16-mixed"}``.
     """
-    if os.path.isfile(spec):
+    inline = spec.lstrip().startswith("{")
+    if inline or os.path.isfile(spec):
+        where = "inline precision rules" if inline else f"precision rules file {spec!r}"
         try:
-            with open(spec, encoding="utf-8") as f:
-                raw = json.load(f)
+            if inline:
+                raw = json.loads(spec)
+            else:
+                with open(spec, encoding="utf-8") as f:
+                    raw = json.load(f)
             return PrecisionRules([tuple(r) for r in raw["rules"]], default=raw.get("default"))
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"precision rules file {spec!r}: {e}") from e
+            raise ValueError(f"{where}: {e}") from e
     return Policy.parse(spec)
 
 
+def _policies(precision: Policy | PrecisionRules) -> list[Policy]:
+    if isinstance(precision, Policy):
+        return [precision]
+    return [
+        *(r.value for r in precision.rules),
+        *([precision.default] if precision.default else []),
+    ]
+
+
 def _uses_fp16(precision: Policy | PrecisionRules) -> bool:
-    policies = (
-        [precision]
-        if isinstance(precision, Policy)
-        else [
-            *(r.value for r in precision.rules),
-            *([precision.default] if precision.default else []),
-        ]
-    )
-    return any(p.compute_dtype == jnp.float16 for p in policies)
+    return any(p.compute_dtype == jnp.float16 for p in _policies(precision))
 
 
-def build_optimizer(config: RunConfig) -> optax.GradientTransformation:
-    """Gradient clipping, then AdamW (nanoGPT's recipe) or Muon + AdamW, on a cosine schedule."""
+def build_optimizer(
+    config: RunConfig, precision: Policy | PrecisionRules | None = None
+) -> optax.GradientTransformation:
+    """Gradient clipping, then AdamW (nanoGPT's recipe) or Muon + AdamW, on a cosine schedule;
+    wrapped by :func:`~hybrid_jax.optim.with_precision` when ``precision``'s policies have
+    optimizer keys (master, grad, mu, nu, update)."""
     schedule = optax.warmup_cosine_decay_schedule(
         0.0,
         config.lr,
@@ -126,7 +146,13 @@ def build_optimizer(config: RunConfig) -> optax.GradientTransformation:
         inner = muon_adamw(
             schedule, muon_learning_rate=muon_schedule, weight_decay=config.weight_decay
         )
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip), inner)
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), inner)
+    optimizer_keys = ("master_dtype", "grad_dtype", "mu_dtype", "nu_dtype", "update")
+    if precision is not None and any(
+        getattr(p, key) is not None for p in _policies(precision) for key in optimizer_keys
+    ):
+        tx = with_precision(tx, precision, seed=config.seed)
+    return tx
 
 
 @dataclasses.dataclass
@@ -160,19 +186,30 @@ def build(config: RunConfig) -> Run:
         ),
         rngs=nnx.Rngs(config.seed),
     )
-    graphdef, params = nnx.split(model, nnx.Param)
+    precision = load_precision(config.precision)
+    # fp8/int8 compute reaches the matmuls; the cast plan leaves those weights to them.
+    cast_plan = quantize_matmuls(model, precision, fp8_scaling=config.fp8_scaling)
+    graphdef, params, no_fp8_meta = nnx.split(model, nnx.Param, Fp8Meta)
 
-    def loss_terms(compute_params, batch, rng):
+    def loss_terms(compute_params, batch, rng, fp8_meta=no_fp8_meta):
         del rng  # no dropout
-        logits = nnx.merge(graphdef, compute_params)(batch[0])
+        logits = nnx.merge(graphdef, compute_params, fp8_meta)(batch[0])
         return {"lm": cross_entropy(logits, batch[1]), "z_loss": z_loss(logits)}
 
-    precision = load_precision(config.precision)
     weighting = Weighted({"lm": 1.0, "z_loss": config.z_loss_weight})
-    loss_scale = DynamicLossScale(2.0**15) if _uses_fp16(precision) else NoOpLossScale()
-    tx = build_optimizer(config)
+    dynamic = config.loss_scale == "dynamic" or (
+        config.loss_scale == "auto" and _uses_fp16(precision)
+    )
+    loss_scale = DynamicLossScale(2.0**15) if dynamic else NoOpLossScale()
+    tx = build_optimizer(config, precision)
     state = TrainState.create(
-        params, tx, loss_scale=loss_scale, rng=config.seed, precision=precision, weighting=weighting
+        params,
+        tx,
+        loss_scale=loss_scale,
+        rng=config.seed,
+        precision=cast_plan,
+        weighting=weighting,
+        fp8_meta=no_fp8_meta,
     )
     batch_size, block_size = config.batch_size, config.block_size
     return Run(
@@ -184,10 +221,10 @@ def build(config: RunConfig) -> Run:
             loss_terms,
             optimizer=tx,
             weighting=weighting,
-            precision=precision,
+            precision=cast_plan,
             loss_scale=loss_scale,
         ),
-        eval_step=make_eval_step(loss_terms, precision=precision),
+        eval_step=make_eval_step(loss_terms, precision=cast_plan),
         sample_train=jax.jit(
             lambda key: data_lib.sample_batch(train_tokens, key, batch_size, block_size)
         ),
@@ -203,6 +240,7 @@ def generate(
     params: Any,
     n_chars: int,
     *,
+    fp8_meta: Any = None,
     seed: int = 0,
     temperature: float = 0.8,
     prompt: str | None = None,
@@ -216,11 +254,11 @@ def generate(
     if prompt is None:
         prompt = "\n" if "\n" in run.tokenizer.chars else run.tokenizer.chars[0]
     ids = run.tokenizer.encode(prompt)[-block:]
-    model_params = params
+    model_state = (params,) if fp8_meta is None else (params, fp8_meta)
 
     @jax.jit
-    def sample(params, key):
-        model = nnx.merge(run.graphdef, params)
+    def sample(model_state, key):
+        model = nnx.merge(run.graphdef, *model_state)
         buf = jnp.zeros((block,), jnp.int32).at[: len(ids)].set(jnp.asarray(ids, jnp.int32))
 
         def body(i, carry):
@@ -241,7 +279,7 @@ def generate(
         _, out, _ = jax.lax.fori_loop(0, n_chars, body, (buf, out, key))
         return out
 
-    tokens = sample(model_params, jax.random.key(seed))
+    tokens = sample(model_state, jax.random.key(seed))
     return run.tokenizer.decode(np.asarray(tokens))
 
 
@@ -346,7 +384,9 @@ def train(
             done = t + 1
             if done % config.eval_interval == 0 or done == config.steps:
                 with timer.paused():
-                    val_loss = evaluate(run.eval_step, state.params, run.val_set)["lm"]
+                    val_loss = evaluate(run.eval_step, state.params, run.val_set, state.fp8_meta)[
+                        "lm"
+                    ]
                 record({"step": done, "val_loss": val_loss})
                 bar.note(f"step {done}: val loss {val_loss:.4f}")
                 if carried["first_step_val_loss_le_1.88"] is None and val_loss <= 1.88:
@@ -365,12 +405,14 @@ def train(
         jax.block_until_ready(state)
         tokens_per_s = timer.rate()
         if first >= config.steps:  # nothing left to train: evaluate what was restored
-            val_loss = evaluate(run.eval_step, state.params, run.val_set)["lm"]
+            val_loss = evaluate(run.eval_step, state.params, run.val_set, state.fp8_meta)["lm"]
         save()
 
     wall = carried["wall_time_s"] + time.perf_counter() - start_time
     skipped = carried["skipped_steps"]
-    sample = generate(run, state.params, config.sample_chars, seed=config.seed)
+    sample = generate(
+        run, state.params, config.sample_chars, seed=config.seed, fp8_meta=state.fp8_meta
+    )
     summary = {
         "final_val_loss": val_loss,
         "wall_time_s": wall,

@@ -9,6 +9,13 @@ from hybrid_jax.precision.loss_scale import (
     all_finite,
     select_tree,
 )
+from hybrid_jax.precision.matmul import (
+    dot_general_for,
+    fp8_dot_general,
+    fp8_dot_general_delayed,
+    fp8_meta,
+    int8_dot_general,
+)
 from hybrid_jax.precision.policy import PRESETS, Policy
 from hybrid_jax.precision.quantize import (
     amax_scale,
@@ -16,6 +23,7 @@ from hybrid_jax.precision.quantize import (
     quantize,
     quantize_dequantize,
 )
+from hybrid_jax.precision.rounding import stochastic_round
 from hybrid_jax.precision.rules import (
     Precision,
     PrecisionRules,
@@ -24,11 +32,13 @@ from hybrid_jax.precision.rules import (
     cast_to_param,
     plan,
 )
+from hybrid_jax.precision.storage import Int8Weight
 
 __all__ = [
     "ACCEPTED_NAMES",
     "PRESETS",
     "DynamicLossScale",
+    "Int8Weight",
     "LossScale",
     "NoOpLossScale",
     "Policy",
@@ -41,9 +51,15 @@ __all__ = [
     "cast_to_output",
     "cast_to_param",
     "dequantize",
+    "dot_general_for",
+    "fp8_dot_general",
+    "fp8_dot_general_delayed",
+    "fp8_meta",
+    "int8_dot_general",
     "parse_dtype",
     "plan",
     "quantize",
     "quantize_dequantize",
     "select_tree",
+    "stochastic_round",
 ]
