@@ -367,12 +367,17 @@ def _plots(rows: Sequence[dict[str, Any]], out: str | os.PathLike) -> list[str]:
     ax.legend(fontsize=8)
     paths.append(_save(fig, out, "val_loss.png"))
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.5))
     left.bar(names, [r["step_time_ms"] for r in rows])
     left.set(ylabel="median step time (ms)", title=f"Step time ({rows[0]['backend']})")
-    right.bar(names, [r["state_bytes_per_param"] for r in rows], label="state bytes / param")
-    right.set(ylabel="training-state bytes per parameter", title="Memory")
-    for ax in (left, right):
+    middle.bar(names, [r["state_bytes_per_param"] for r in rows])
+    middle.set(ylabel="bytes per parameter", title="Training state (params + optimizer)")
+    mib = lambda key: [(r[key] or 0) / 2**20 for r in rows]
+    right.bar(names, mib("argument_bytes"), label="arguments")
+    right.bar(names, mib("temp_bytes"), bottom=mib("argument_bytes"), label="temporaries")
+    right.set(ylabel="MiB", title="XLA memory analysis of the step")
+    right.legend(fontsize=8)
+    for ax in (left, middle, right):
         ax.tick_params(axis="x", labelrotation=60, labelsize=8)
     paths.append(_save(fig, out, "time_memory.png"))
     plt.close("all")

@@ -1,5 +1,6 @@
 """The main job end to end at tiny size: `hybrid-jax train`, its outputs, resume, bad input."""
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -8,6 +9,7 @@ import sys
 import time
 
 import chex
+import jax
 import numpy as np
 import pytest
 
@@ -109,6 +111,42 @@ def test_resume_refuses_a_checkpoint_of_other_settings(half, tmp_path):
         train(_config(lr=3e-3), half, resume=True, **_QUIET)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(_config(), tmp_path / "new", resume=True, **_QUIET)
+
+
+def test_low_precision_state_resumes_bit_identically(tmp_path):
+    # Delayed fp8 histories, 8-bit moments with their rounding count, stochastic rounding:
+    # everything the lean and fp8 recipes add to the state must survive a checkpoint.
+    rules = json.dumps(
+        {
+            "rules": [["mlp/", "fp8-mixed"]],
+            "default": "p=bf16,c=bf16,o=bf16,mu=int8,nu=int8,update=sr",
+        }
+    )
+    config = _config(precision=rules, optimizer="adamw", fp8_scaling="delayed", n_embd=64)
+    straight_run = train(dataclasses.replace(config, steps=6), tmp_path / "a", **_QUIET)
+    train(dataclasses.replace(config, steps=3, eval_interval=3), tmp_path / "b", **_QUIET)
+    resumed = train(
+        dataclasses.replace(config, steps=6, eval_interval=3), tmp_path / "b", resume=True, **_QUIET
+    )
+    assert resumed["final_val_loss"] == straight_run["final_val_loss"]
+    like = build(config).state
+    assert jax.tree_util.tree_leaves(like.fp8_meta)  # the histories are in the state
+    with (
+        Checkpointer(tmp_path / "a" / "checkpoints") as a,
+        Checkpointer(tmp_path / "b" / "checkpoints") as b,
+    ):
+        chex.assert_trees_all_equal(a.restore(like)[0], b.restore(like)[0])
+
+
+def test_inline_json_rules_and_loss_scale_setting():
+    loaded = load_precision('{"rules": [["embed", "fp32"]], "default": "bf16-mixed"}')
+    assert isinstance(loaded, PrecisionRules)
+    with pytest.raises(ValueError, match="inline precision rules"):
+        load_precision('{"rules": 3}')
+    with pytest.raises(ValueError, match="unknown loss_scale"):
+        _config(loss_scale="sometimes")
+    with pytest.raises(ValueError, match="unknown fp8_scaling"):
+        _config(fp8_scaling="late")
 
 
 def test_bad_data_and_flags_are_clear_errors(tmp_path, capsys):

@@ -67,6 +67,12 @@ def _check_loss_scale(expected: LossScale | None, got: LossScale) -> None:
         )
 
 
+def _global_norm(tree: Any) -> jax.Array:
+    """The fp32 L2 norm of all leaves together, whatever their dtypes (strict-promotion safe)."""
+    squares = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
+
+
 def _split_micro(batch: Any, n: int) -> Any:
     def split(x):
         if x.shape[0] % n:
@@ -263,7 +269,7 @@ def make_train_step(
         metrics = {
             "loss": total.astype(jnp.float32),
             **metrics,
-            "grad_norm": optax.tree.norm(model_grads).astype(jnp.float32),
+            "grad_norm": _global_norm(model_grads),
             "loss_scale": jnp.asarray(scale.loss_scale, jnp.float32),
             "skipped": jnp.logical_not(finite).astype(jnp.int32),
         }
