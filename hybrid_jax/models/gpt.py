@@ -42,6 +42,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -252,6 +253,12 @@ causal_attention.defvjp(_attention_fwd, _attention_bwd)
 # --- Layers ---------------------------------------------------------------------------------
 
 
+def _scope(layer: nnx.Module):
+    """``jax.named_scope`` of the layer's path, when its model gave it one."""
+    scope = getattr(layer, "scope", None)
+    return jax.named_scope(scope) if scope else contextlib.nullcontext()
+
+
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax.Array:
     return std * jax.random.normal(rngs.params(), shape, jnp.float32)
 
@@ -286,7 +293,8 @@ class Linear(nnx.Module):
     def __call__(self, x_NxI: jax.Array) -> jax.Array:
         kernel_IxO = self.kernel[...]
         # The layer computes in its kernel's dtype; a no-op unless precision rules mix dtypes.
-        y_NxO = self.dot_general(x_NxI.astype(kernel_IxO.dtype), kernel_IxO, _MATMUL)
+        with _scope(self):
+            y_NxO = self.dot_general(x_NxI.astype(kernel_IxO.dtype), kernel_IxO, _MATMUL)
         if self.bias is not None:
             y_NxO = y_NxO + self.bias[...].astype(y_NxO.dtype)
         return y_NxO
@@ -314,7 +322,8 @@ class Embed(nnx.Module):
         """``x @ embedding.T``: a score per table row, in the embedding's dtype."""
         embedding_VxC = self.embedding[...]
         dot_general = self.dot_general or jax.lax.dot_general
-        return dot_general(x_NxC.astype(embedding_VxC.dtype), embedding_VxC, _MATMUL_T)
+        with _scope(self):
+            return dot_general(x_NxC.astype(embedding_VxC.dtype), embedding_VxC, _MATMUL_T)
 
 
 class LayerNorm(nnx.Module):
@@ -430,6 +439,11 @@ class GPT(nnx.Module):
         # nanoGPT's head never has a bias; tied, it is tok_embed.attend.
         head = functools.partial(Linear, bias=False, std=_INIT_STD, dot_general=dot_general)
         self.lm_head = None if tied else head(config.n_embd, config.vocab_size, rngs=rngs)
+        # Each matmul runs under its layer's path as a name scope, so that the compiled HLO
+        # says which layer a dot belongs to (op_name ".../blocks/0/mlp/fc/dot_general").
+        for path, node in nnx.iter_graph(self):
+            if isinstance(node, (Linear, Embed)):
+                node.scope = "/".join(str(k) for k in path)
 
     def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
         """Next-token logits ``[B, T, vocab]`` in fp32 for token ids ``[B, T]``."""
