@@ -5,24 +5,15 @@ from __future__ import annotations
 import argparse
 import ctypes
 import sys
-
-# Commands still to come say so and fail, so that no script mistakes them for a finished run.
-_NOT_YET = {
-    "inspect": "shows the precision plan and optimizer groups (arrives with the inspector issue)",
-}
+from typing import Any
 
 
-def _add_train(commands) -> None:
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that decide a run's model, data, precision and optimizer (train, inspect)."""
     from hybrid_jax.experiment import LOSS_SCALES, OPTIMIZERS, RunConfig
     from hybrid_jax.models.matmuls import FP8_SCALINGS
 
     d = RunConfig()
-    p = commands.add_parser(
-        "train",
-        help="train the bundled GPT on Tiny Shakespeare (or --data)",
-        description="Train a character-level GPT. Defaults: nanoGPT's CPU baby GPT, bf16-mixed "
-        "precision, Muon on hidden matrices and AdamW on the rest.",
-    )
     p.add_argument(
         "--precision",
         default=d.precision,
@@ -48,7 +39,6 @@ def _add_train(commands) -> None:
         choices=OPTIMIZERS,
         help="optimizer recipe (default: %(default)s)",
     )
-    p.add_argument("--steps", type=int, default=d.steps, help="training steps (%(default)s)")
     p.add_argument(
         "--batch-size", type=int, default=d.batch_size, help="sequences per step (%(default)s)"
     )
@@ -59,14 +49,47 @@ def _add_train(commands) -> None:
     p.add_argument("--n-head", type=int, default=d.n_head, help="attention heads (%(default)s)")
     p.add_argument("--n-embd", type=int, default=d.n_embd, help="channels (%(default)s)")
     p.add_argument(
-        "--lr", type=float, default=d.lr, help="peak learning rate, cosine to lr/10 (%(default)s)"
-    )
-    p.add_argument(
         "--data",
         default=None,
         help="a UTF-8 text file to train on (default: the bundled Tiny Shakespeare)",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (%(default)s)")
+
+
+def _run_config(args: argparse.Namespace, **extra: Any):
+    from hybrid_jax.experiment import RunConfig
+
+    return RunConfig(
+        precision=args.precision,
+        optimizer=args.optimizer,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+        data=args.data,
+        seed=args.seed,
+        fp8_scaling=args.fp8_scaling,
+        loss_scale=args.loss_scale,
+        **extra,
+    )
+
+
+def _add_train(commands) -> None:
+    from hybrid_jax.experiment import RunConfig
+
+    d = RunConfig()
+    p = commands.add_parser(
+        "train",
+        help="train the bundled GPT on Tiny Shakespeare (or --data)",
+        description="Train a character-level GPT. Defaults: nanoGPT's CPU baby GPT, bf16-mixed "
+        "precision, Muon on hidden matrices and AdamW on the rest.",
+    )
+    _add_run_flags(p)
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps (%(default)s)")
+    p.add_argument(
+        "--lr", type=float, default=d.lr, help="peak learning rate, cosine to lr/10 (%(default)s)"
+    )
     p.add_argument(
         "--eval-interval",
         type=int,
@@ -84,6 +107,18 @@ def _add_train(commands) -> None:
         "--resume", action="store_true", help="continue from the latest checkpoint in --out"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_inspect(commands) -> None:
+    p = commands.add_parser(
+        "inspect",
+        help="show a recipe's precision plan, optimizer groups and memory, before training",
+        description="For a model config and a recipe, without training: each parameter's path, "
+        "shape, param and compute dtype, optimizer group, parameter and optimizer-state bytes; "
+        "the totals (the bytes of the train state's arrays); and XLA's memory analysis of the "
+        "compiled train step (temporaries: activations and scratch).",
+    )
+    _add_run_flags(p)
 
 
 def _add_bench(commands) -> None:
@@ -134,8 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(commands)
     _add_bench(commands)
-    for name, help_text in _NOT_YET.items():
-        commands.add_parser(name, help=help_text)
+    _add_inspect(commands)
     return parser
 
 
@@ -157,33 +191,34 @@ def _keep_freed_memory() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hybrid_jax.experiment import RunConfig, train
+    from hybrid_jax.experiment import train
 
     _keep_freed_memory()
     try:
-        config = RunConfig(
-            precision=args.precision,
-            optimizer=args.optimizer,
+        config = _run_config(
+            args,
             steps=args.steps,
-            batch_size=args.batch_size,
-            block_size=args.block_size,
-            n_layer=args.n_layer,
-            n_head=args.n_head,
-            n_embd=args.n_embd,
             lr=args.lr,
             min_lr=args.lr / 10,
-            data=args.data,
-            seed=args.seed,
             eval_interval=args.eval_interval,
             eval_batches=args.eval_batches,
-            fp8_scaling=args.fp8_scaling,
-            loss_scale=args.loss_scale,
         )
         train(config, args.out, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
         return 130
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"hybrid-jax train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from hybrid_jax.inspection import inspect_run
+
+    try:
+        print(inspect_run(_run_config(args)))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"hybrid-jax inspect: error: {e}", file=sys.stderr)
         return 2
     return 0
 
@@ -195,15 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    if args.command == "train":
-        return _train(args)
-    if args.command == "bench":
-        return _bench(args)
-    print(
-        f"hybrid-jax {args.command}: not implemented yet. This command {_NOT_YET[args.command]}.",
-        file=sys.stderr,
-    )
-    return 1
+    commands = {"train": _train, "bench": _bench, "inspect": _inspect}
+    return commands[args.command](args)
 
 
 def run() -> None:

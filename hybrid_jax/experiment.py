@@ -27,7 +27,7 @@ from hybrid_jax import data as data_lib
 from hybrid_jax.losses import Weighted, cross_entropy, z_loss
 from hybrid_jax.models import GPT, Fp8Meta, GPTConfig, quantize_matmuls
 from hybrid_jax.models.matmuls import FP8_SCALINGS
-from hybrid_jax.optim import muon_adamw, with_precision
+from hybrid_jax.optim import group_labels, muon_adamw, muon_adamw_rules, with_precision
 from hybrid_jax.precision import DynamicLossScale, NoOpLossScale, Policy, PrecisionRules
 from hybrid_jax.train import Checkpointer, TrainState, evaluate, make_eval_step, make_train_step
 
@@ -153,6 +153,19 @@ def build_optimizer(
     ):
         tx = with_precision(tx, precision, seed=config.seed)
     return tx
+
+
+def optimizer_groups(config: RunConfig, params: Any) -> Any:
+    """A tree like ``params`` naming the optimizer group :func:`build_optimizer` gives each leaf."""
+    if config.optimizer == "adamw":
+        return jax.tree_util.tree_map(
+            lambda p: "adamw" if p.ndim >= 2 else "adamw (no decay)", params
+        )
+    rules = muon_adamw_rules()
+    # muon_adamw_rules' order: embeddings and head, gains and biases, hidden matrices.
+    patterns = [pattern for pattern, _ in rules]
+    names = dict(zip(patterns, ("adamw", "adam (no decay)", "muon"), strict=True))
+    return jax.tree_util.tree_map(names.get, group_labels(rules, params))
 
 
 @dataclasses.dataclass

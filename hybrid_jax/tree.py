@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Generic, TypeVar
 
 import jax
@@ -261,6 +261,25 @@ def map_with_path(fn: Callable[[str, Any], Any], tree: Any, *rest: Any) -> Any:
     return jax.tree_util.tree_map_with_path(
         lambda kp, *xs: fn(path_str(kp), *xs), tree, *rest, is_leaf=is_leaf
     )
+
+
+def owner(path: str, owners: Collection[str]) -> str | None:
+    """The longest run of ``path``'s components that is one of ``owners``, or ``None``.
+
+    Charges optimizer-state leaves to parameters: Adam's ``0/mu/blocks/0/fc/kernel`` and an
+    8-bit moment's ``1/nu/blocks/0/fc/kernel/codes`` both belong to ``blocks/0/fc/kernel``.
+
+    Examples:
+      >>> owner("0/nu/fc/kernel/codes", {"fc/kernel", "fc/bias"})
+      'fc/kernel'
+    """
+    parts = path.split("/")
+    for length in range(len(parts), 0, -1):
+        for start in range(len(parts) - length + 1):
+            candidate = "/".join(parts[start : start + length])
+            if candidate in owners:
+                return candidate
+    return None
 
 
 def _as_compiled(rules, kind):

@@ -204,11 +204,7 @@ def describe(
     per_leaf = {path: 0 for path, _ in leaves}
     overhead: dict[Hashable, int] = {}
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        parts = tree_lib.path_str(keypath).split("/")
-        owner = next(
-            ("/".join(parts[i:]) for i in range(len(parts)) if "/".join(parts[i:]) in per_leaf),
-            None,
-        )
+        owner = tree_lib.owner(tree_lib.path_str(keypath), per_leaf)
         if owner is not None:
             per_leaf[owner] += _nbytes(leaf)
         else:  # PartitionState.inner_states[group]: the group is the second key
