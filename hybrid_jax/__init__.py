@@ -1,6 +1,6 @@
 """hybrid_jax: mixed- and low-precision training with hybrid optimizers in JAX."""
 
-from hybrid_jax import losses, optim, precision, train, tree
+from hybrid_jax import losses, mixing, optim, precision, train, tree
 from hybrid_jax.precision import (
     DynamicLossScale,
     NoOpLossScale,
@@ -32,6 +32,7 @@ __all__ = [
     "cast_to_param",
     "losses",
     "make_train_step",
+    "mixing",
     "optim",
     "precision",
     "select_tree",

@@ -119,6 +119,7 @@ CSV_COLUMNS = (
     "argument_bytes",
     "output_bytes",
     "temp_bytes",
+    "state_bytes",
     "state_bytes_per_param",
     "final_val_loss",
     "val_loss_gap",
@@ -205,6 +206,7 @@ def _row(entry: _Entry, base: RunConfig, reference: dict | None) -> dict[str, An
     final = entry.curve[-1][1]
     diverged = not (entry.finite and math.isfinite(final)) or final > entry.curve[0][1]
     memory = entry.memory
+    memory_of_state = state_bytes(entry.state)
     row = {
         "recipe": entry.recipe.name,
         "step_time_ms": 1e3 * step_s,
@@ -215,7 +217,8 @@ def _row(entry: _Entry, base: RunConfig, reference: dict | None) -> dict[str, An
         "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
         "output_bytes": getattr(memory, "output_size_in_bytes", None),
         "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
-        "state_bytes_per_param": state_bytes(entry.state)["bytes_per_param"],
+        "state_bytes": memory_of_state["total"],
+        "state_bytes_per_param": memory_of_state["bytes_per_param"],
         "final_val_loss": final,
         "val_loss_gap": None,
         "val_loss_gap_pct": None,

@@ -106,7 +106,26 @@ def _add_train(commands) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --out"
     )
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=d.ema_decay,
+        help="keep an fp32 exponential moving average of the parameters with this decay, "
+        "e.g. 0.999 (default: none)",
+    )
+    p.add_argument(
+        "--eval-ema",
+        action="store_true",
+        help="evaluate and sample with the EMA parameters (needs --ema-decay)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="after training, report per layer the numerics of parameters, gradients and "
+        "activations (underflow/overflow in fp16, e4m3, e5m2; the lowest precision each "
+        "tolerates) and update stagnation; also written to <out>/diagnostics.txt",
+    )
 
 
 def _add_inspect(commands) -> None:
@@ -202,8 +221,16 @@ def _train(args: argparse.Namespace) -> int:
             min_lr=args.lr / 10,
             eval_interval=args.eval_interval,
             eval_batches=args.eval_batches,
+            ema_decay=args.ema_decay,
+            eval_ema=args.eval_ema,
         )
-        train(config, args.out, resume=args.resume, progress=not args.no_progress)
+        train(
+            config,
+            args.out,
+            resume=args.resume,
+            progress=not args.no_progress,
+            diagnose=args.diagnose,
+        )
     except KeyboardInterrupt:
         return 130
     except (ValueError, FileNotFoundError, OSError) as e:

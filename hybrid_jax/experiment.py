@@ -25,6 +25,7 @@ from flax import nnx
 
 from hybrid_jax import data as data_lib
 from hybrid_jax.losses import Weighted, cross_entropy, z_loss
+from hybrid_jax.mixing import EMA
 from hybrid_jax.models import GPT, Fp8Meta, GPTConfig, quantize_matmuls
 from hybrid_jax.models.matmuls import FP8_SCALINGS
 from hybrid_jax.optim import group_labels, muon_adamw, muon_adamw_rules, with_precision
@@ -62,10 +63,16 @@ class RunConfig:
     sample_chars: int = 300
     fp8_scaling: str = "current"
     loss_scale: str = "auto"
+    ema_decay: float = 0.0
+    eval_ema: bool = False
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
+        if self.eval_ema and not self.ema_decay:
+            raise ValueError("eval_ema needs an EMA of the parameters: set ema_decay, e.g. 0.999")
         if self.loss_scale not in LOSS_SCALES:
             raise ValueError(f"unknown loss_scale {self.loss_scale!r}; choose from {LOSS_SCALES}")
         if self.fp8_scaling not in FP8_SCALINGS:
@@ -168,6 +175,11 @@ def optimizer_groups(config: RunConfig, params: Any) -> Any:
     return jax.tree_util.tree_map(names.get, group_labels(rules, params))
 
 
+def terms_of_logits(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+    """The run's loss terms: next-token cross-entropy ``lm`` and ``z_loss``."""
+    return {"lm": cross_entropy(logits, targets), "z_loss": z_loss(logits)}
+
+
 @dataclasses.dataclass
 class Run:
     """What :func:`build` sets up: the model, data, state and jitted functions of a run."""
@@ -181,6 +193,10 @@ class Run:
     sample_train: Callable
     val_set: Any
     data_key: jax.Array
+    loss_terms: Callable
+    precision: Any
+    weighting: Weighted
+    optimizer: optax.GradientTransformation
 
 
 def build(config: RunConfig) -> Run:
@@ -207,7 +223,7 @@ def build(config: RunConfig) -> Run:
     def loss_terms(compute_params, batch, rng, fp8_meta=no_fp8_meta):
         del rng  # no dropout
         logits = nnx.merge(graphdef, compute_params, fp8_meta)(batch[0])
-        return {"lm": cross_entropy(logits, batch[1]), "z_loss": z_loss(logits)}
+        return terms_of_logits(logits, batch[1])
 
     weighting = Weighted({"lm": 1.0, "z_loss": config.z_loss_weight})
     dynamic = config.loss_scale == "dynamic" or (
@@ -215,6 +231,8 @@ def build(config: RunConfig) -> Run:
     )
     loss_scale = DynamicLossScale(2.0**15) if dynamic else NoOpLossScale()
     tx = build_optimizer(config, precision)
+    # An fp32 average, whatever the params' dtype: a bf16 one would round its small steps away.
+    ema = EMA(config.ema_decay, warmup_steps=10, dtype=jnp.float32) if config.ema_decay else None
     state = TrainState.create(
         params,
         tx,
@@ -223,6 +241,7 @@ def build(config: RunConfig) -> Run:
         precision=cast_plan,
         weighting=weighting,
         fp8_meta=no_fp8_meta,
+        ema=ema,
     )
     batch_size, block_size = config.batch_size, config.block_size
     return Run(
@@ -236,6 +255,7 @@ def build(config: RunConfig) -> Run:
             weighting=weighting,
             precision=cast_plan,
             loss_scale=loss_scale,
+            ema=ema,
         ),
         eval_step=make_eval_step(loss_terms, precision=cast_plan),
         sample_train=jax.jit(
@@ -245,6 +265,10 @@ def build(config: RunConfig) -> Run:
             val_tokens, config.eval_batches, config.eval_batch_size, block_size, seed=config.seed
         ),
         data_key=jax.random.key_data(jax.random.key(config.seed + 1)),
+        loss_terms=loss_terms,
+        precision=cast_plan,
+        weighting=weighting,
+        optimizer=tx,
     )
 
 
@@ -328,6 +352,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    diagnose: bool = False,
 ) -> dict[str, Any]:
     """Trains, evaluates, checkpoints and samples; returns (and writes) the run's summary.
 
@@ -342,6 +367,9 @@ def train(
       resume: continue from the latest checkpoint in ``out`` (its settings must match).
       progress: show a progress bar with the loss and tokens/s.
       log: where lines of text go (the last one is the final validation loss).
+      diagnose: after training, write the numerics diagnostics of the final state (parameters,
+        gradients, activations, update stagnation; :func:`hybrid_jax.diagnose.diagnose`) to
+        ``diagnostics.txt`` in ``out`` and print them.
 
     Returns:
       The summary: ``final_val_loss``, ``wall_time_s``, ``steps``, ``tokens_per_s``, ...
@@ -349,6 +377,7 @@ def train(
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     run = build(config)
+    eval_params = lambda state: state.ema_params if config.eval_ema else state.params
     state = run.state
     settings = dataclasses.asdict(config)
     start_time = time.perf_counter()
@@ -397,9 +426,9 @@ def train(
             done = t + 1
             if done % config.eval_interval == 0 or done == config.steps:
                 with timer.paused():
-                    val_loss = evaluate(run.eval_step, state.params, run.val_set, state.fp8_meta)[
-                        "lm"
-                    ]
+                    val_loss = evaluate(
+                        run.eval_step, eval_params(state), run.val_set, state.fp8_meta
+                    )["lm"]
                 record({"step": done, "val_loss": val_loss})
                 bar.note(f"step {done}: val loss {val_loss:.4f}")
                 if carried["first_step_val_loss_le_1.88"] is None and val_loss <= 1.88:
@@ -418,13 +447,15 @@ def train(
         jax.block_until_ready(state)
         tokens_per_s = timer.rate()
         if first >= config.steps:  # nothing left to train: evaluate what was restored
-            val_loss = evaluate(run.eval_step, state.params, run.val_set, state.fp8_meta)["lm"]
+            val_loss = evaluate(run.eval_step, eval_params(state), run.val_set, state.fp8_meta)[
+                "lm"
+            ]
         save()
 
     wall = carried["wall_time_s"] + time.perf_counter() - start_time
     skipped = carried["skipped_steps"]
     sample = generate(
-        run, state.params, config.sample_chars, seed=config.seed, fp8_meta=state.fp8_meta
+        run, eval_params(state), config.sample_chars, seed=config.seed, fp8_meta=state.fp8_meta
     )
     summary = {
         "final_val_loss": val_loss,
@@ -439,6 +470,14 @@ def train(
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    if diagnose:
+        from hybrid_jax.diagnose import diagnose as diagnose_state
+
+        batch = run.sample_train(jax.random.fold_in(run.data_key, config.steps))
+        report = str(diagnose_state(run, state, batch))
+        with open(os.path.join(out, "diagnostics.txt"), "w", encoding="utf-8") as f:
+            f.write(report + "\n")
+        log(report)
     log("---- sample ----")
     log(sample)
     log("----------------")

@@ -251,3 +251,24 @@ def test_mismatches_are_clear_errors():
         step(state, _batch(0))
     with pytest.raises(ValueError, match="grad_accum must be a positive int"):
         make_train_step(_terms, optimizer=tx, grad_accum=0)
+
+
+@pytest.mark.standard_promotion
+def test_the_ema_follows_the_applied_updates_and_skips_with_them():
+    ema = hj.mixing.EMA(decay=0.9)
+    tx = optax.sgd(0.1)
+    step = make_train_step(_terms, optimizer=tx, weighting=_WEIGHTS, ema=ema)
+    state = TrainState.create(_params(), tx, ema=ema)
+    reference = jax.tree.map(lambda x: np.asarray(x, np.float64), _params())
+    for t in range(3):
+        state, _ = step(state, _batch(t))
+        params = jax.tree.map(lambda x: np.asarray(x, np.float64), state.params)
+        reference = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, reference, params)
+    # fp32 EMA against a float64 one over three steps: a few ulps.
+    chex.assert_trees_all_close(state.ema_params, reference, rtol=1e-6)
+    before = jax.tree.map(np.asarray, state.ema_params)
+    state, metrics = step(state, _batch(9, poison=("a/kernel", np.nan)))
+    assert int(metrics["skipped"]) == 1
+    chex.assert_trees_all_equal(state.ema_params, before)
+    with pytest.raises(ValueError, match="ema=ema"):
+        step(TrainState.create(_params(), tx), _batch(0))

@@ -13,6 +13,7 @@ import optax
 
 from hybrid_jax import tree as tree_lib
 from hybrid_jax.losses import Weighted, Weighting
+from hybrid_jax.mixing import EMA
 from hybrid_jax.precision import LossScale, NoOpLossScale, cast_to_param
 from hybrid_jax.precision.rules import Precision
 
@@ -62,6 +63,8 @@ class TrainState:
       weight_state: the weighting's non-learned state (``{}`` unless it keeps a history).
       fp8_meta: the amax histories of delayed-scaling fp8 matmuls (``{}`` unless the model has
         them; :class:`~hybrid_jax.models.Fp8Meta`). The step replaces them every step.
+      ema_params: an exponential moving average of ``params`` (``None`` unless the step keeps
+        one; :class:`~hybrid_jax.mixing.EMA`).
     """
 
     step: jax.Array
@@ -73,6 +76,7 @@ class TrainState:
     weight_opt_state: Any = ()
     weight_state: Any = dataclasses.field(default_factory=dict)
     fp8_meta: Any = dataclasses.field(default_factory=dict)
+    ema_params: Any = None
 
     @classmethod
     def create(
@@ -86,6 +90,7 @@ class TrainState:
         weighting: Weighting | None = None,
         loss_names: Sequence[str] | None = None,
         fp8_meta: Any = None,
+        ema: EMA | None = None,
     ) -> TrainState:
         """A fresh state at step 0.
 
@@ -102,6 +107,8 @@ class TrainState:
           fp8_meta: amax histories of delayed-scaling fp8 matmuls, e.g. the third state of
             ``nnx.split(model, nnx.Param, Fp8Meta)``; the loss function then gets them as a
             fourth argument.
+          ema: keep an exponential moving average of the parameters (pass the same
+            :class:`~hybrid_jax.mixing.EMA` to ``make_train_step``).
 
         Returns:
           The ``TrainState``.
@@ -146,6 +153,7 @@ class TrainState:
             weight_opt_state=weight_opt_state,
             weight_state=weight_state,
             fp8_meta={} if fp8_meta is None else fp8_meta,
+            ema_params=None if ema is None else ema.init(params),
         )
 
 

@@ -19,6 +19,7 @@ from hybrid_jax import tree as tree_lib
 from hybrid_jax.losses import Sum, Weighting
 from hybrid_jax.losses.mixing import term_gradients
 from hybrid_jax.losses.weighting import weighted_sum
+from hybrid_jax.mixing import EMA
 from hybrid_jax.precision import (
     LossScale,
     all_finite,
@@ -94,6 +95,7 @@ def make_train_step(
     loss_scale: LossScale | None = None,
     mixer: Any = None,
     grad_accum: int = 1,
+    ema: EMA | None = None,
     donate: bool = True,
 ) -> Callable[[TrainState, Any], tuple[TrainState, Metrics]]:
     """Builds the jitted train step ``(state, batch) -> (state, metrics)``.
@@ -116,6 +118,9 @@ def make_train_step(
         forward and one batched VJP, then projected.
       grad_accum: micro-batches per step; the batch's leading axis is split into this many, and
         gradients are averaged (accumulated in fp32 with ``lax.scan``).
+      ema: update ``state.ema_params`` (an exponential moving average of the parameters, made
+        by ``TrainState.create(..., ema=ema)``) after each applied update; skipped steps leave
+        it as it was.
       donate: donate the input state's buffers to the output (the caller must not reuse it).
 
     Returns:
@@ -254,6 +259,14 @@ def make_train_step(
                 state.fp8_meta,
             ),
         )
+        if ema is not None:
+            if state.ema_params is None:
+                raise ValueError(
+                    "make_train_step(ema=...) needs a state with EMA parameters: "
+                    "TrainState.create(..., ema=ema)"
+                )
+            new = (*new, ema.update(state.ema_params, params, state.step))
+            old = (*old, state.ema_params)
         kept = select_tree(finite, new, old)
         new_state = TrainState(
             step=state.step + 1,
@@ -265,6 +278,7 @@ def make_train_step(
             weight_opt_state=kept[3],
             weight_state=kept[4],
             fp8_meta=kept[5],
+            ema_params=kept[6] if ema is not None else state.ema_params,
         )
         metrics = {
             "loss": total.astype(jnp.float32),

@@ -1,0 +1,95 @@
+"""Automatic precision search (hybrid_jax.search)."""
+
+import dataclasses
+import json
+
+import pytest
+
+from hybrid_jax import search
+from hybrid_jax.bench import QUICK
+
+GROUPS = {"attention": "attn/", "mlp": "mlp/"}
+
+
+def _row(name, gap, state_bytes, diverged=False):
+    return {
+        "recipe": name,
+        "val_loss_gap_pct": gap,
+        "state_bytes": state_bytes,
+        "temp_bytes": 0,
+        "diverged": diverged,
+    }
+
+
+class _FakeCompare:
+    """Stands in for bench.compare: a loss gap and memory per rule list, no training."""
+
+    def __init__(self, single, combined):
+        self.single, self.combined, self.verified = single, combined, []
+
+    def __call__(self, recipes, base, log):
+        rows = [_row("fp32", 0.0, 1000)]
+        for recipe in recipes[1:]:
+            if recipe.name == "proposed":
+                rules = json.loads(recipe.precision)["rules"]
+                key = tuple(sorted(policy for _, policy in rules))
+                self.verified.append(key)
+                gap, memory = self.combined[key]
+                rows.append(_row("proposed", gap, memory))
+            else:
+                gap, memory = self.single[recipe.name]
+                rows.append(_row(recipe.name, gap, memory))
+        return rows
+
+
+def test_steps_back_the_costliest_group_until_the_combination_fits(monkeypatch):
+    single = {
+        "attention:bf16-mixed": (0.2, 900),
+        "attention:bf16-lean": (0.6, 700),
+        "mlp:bf16-mixed": (0.1, 900),
+        "mlp:bf16-lean": (0.9, 600),
+        # Over budget alone, and more memory than fp32: never chosen.
+    }
+    combined = {
+        ("bf16-lean", "bf16-lean"): (1.4, 300),  # both leanest: over the 1% budget together
+        ("bf16-lean", "bf16-mixed"): (0.7, 600),  # mlp (costlier, 0.9) steps back: fits
+    }
+    fake = _FakeCompare(single, combined)
+    monkeypatch.setattr(search, "compare", fake)
+    result = search.precision_search(
+        QUICK, budget_pct=1.0, groups=GROUPS, candidates=("bf16-mixed", "bf16-lean")
+    )
+    assert fake.verified == [("bf16-lean", "bf16-lean"), ("bf16-lean", "bf16-mixed")]
+    assert result.choice == {"attention": "bf16-lean", "mlp": "bf16-mixed"}
+    assert result.rules == [("attn/", "bf16-lean"), ("mlp/", "bf16-mixed")]
+    assert result.loss_gap_pct == 0.7 <= result.budget_pct
+    assert (result.memory_bytes, result.fp32_memory_bytes) == (600, 1000)
+    assert result.sensitivity["mlp"] == {"bf16-mixed": 0.1, "bf16-lean": 0.9}
+    assert "('attn/', 'bf16-lean')," in str(result)
+
+
+def test_falls_back_to_fp32_when_nothing_fits(monkeypatch):
+    single = {"attention:bf16-lean": (3.0, 700), "mlp:bf16-lean": (2.0, 600)}
+    monkeypatch.setattr(search, "compare", _FakeCompare(single, {(): (0.0, 1000)}))
+    result = search.precision_search(
+        QUICK, budget_pct=1.0, groups=GROUPS, candidates=("bf16-lean",)
+    )
+    assert result.rules == [] and set(result.choice.values()) == {"fp32"}
+
+
+def test_a_real_search_stays_within_its_budget():
+    base = dataclasses.replace(
+        QUICK, n_layer=1, n_embd=64, steps=8, eval_interval=8, warmup_steps=1
+    )
+    result = search.precision_search(
+        base, budget_pct=1.0, groups={"mlp": "mlp/"}, candidates=("bf16-pure-sr",), log=print
+    )
+    assert result.loss_gap_pct <= 1.0
+    assert result.choice["mlp"] in ("bf16-pure-sr", "fp32")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="budget"):
+        search.precision_search(QUICK, budget_pct=-1)
+    with pytest.raises(ValueError, match="at least one group"):
+        search.precision_search(QUICK, groups={})
