@@ -1,4 +1,4 @@
-"""The ``hybrid-jax`` command line: ``train``, ``bench`` and ``inspect``."""
+"""The ``hybrid-jax`` command line: ``train``, ``bench``, ``inspect`` and ``mix``."""
 
 from __future__ import annotations
 
@@ -138,6 +138,12 @@ def _add_inspect(commands) -> None:
         "compiled train step (temporaries: activations and scratch).",
     )
     _add_run_flags(p)
+    p.add_argument(
+        "--audit",
+        action="store_true",
+        help="also list every dot of the compiled step with its operand and result dtypes, "
+        "flagging those that differ from what the precision plan asked for",
+    )
 
 
 def _add_bench(commands) -> None:
@@ -180,6 +186,40 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_mix(commands) -> None:
+    from hybrid_jax.mix_runs import MODES
+
+    p = commands.add_parser(
+        "mix",
+        help="soups and merges of saved runs' parameters",
+        description="Mix the latest parameters of runs saved by 'hybrid-jax train': a uniform "
+        "or greedy soup (Wortsman et al. 2022), a path-wise merge, or an interpolation of two. "
+        "Prints each run's and the result's validation loss; saves the result as a checkpoint "
+        "that 'hybrid-jax train --out OUT --resume' fine-tunes, and OUT/mix.json.",
+    )
+    p.add_argument("runs", nargs="+", help="run folders (each with checkpoints/)")
+    p.add_argument("--mode", choices=MODES, default="uniform", help="(%(default)s)")
+    p.add_argument(
+        "--rules",
+        default=None,
+        help='merge: JSON, inline or a file: {"rules": [["attn/", "runA"], ["mlp/", 1]], '
+        '"default": "runA"}; runs by folder name or index',
+    )
+    p.add_argument("--t", type=float, default=0.5, help="interpolate: weight of the second run")
+    p.add_argument("--out", default="mixed", help="output folder (%(default)s)")
+
+
+def _mix(args: argparse.Namespace) -> int:
+    from hybrid_jax.mix_runs import mix_runs
+
+    try:
+        mix_runs(args.runs, args.mode, args.out, rules=args.rules, t=args.t)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"hybrid-jax mix: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybrid-jax",
@@ -189,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_bench(commands)
     _add_inspect(commands)
+    _add_mix(commands)
     return parser
 
 
@@ -243,7 +284,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from hybrid_jax.inspection import inspect_run
 
     try:
-        print(inspect_run(_run_config(args)))
+        print(inspect_run(_run_config(args), audit=args.audit))
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"hybrid-jax inspect: error: {e}", file=sys.stderr)
         return 2
@@ -257,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    commands = {"train": _train, "bench": _bench, "inspect": _inspect}
+    commands = {"train": _train, "bench": _bench, "inspect": _inspect, "mix": _mix}
     return commands[args.command](args)
 
 

@@ -21,6 +21,8 @@ from hybrid_jax._table import Table, format_bytes
 from hybrid_jax.experiment import RunConfig, build, load_precision, optimizer_groups
 from hybrid_jax.precision import Policy, dtypes, plan
 from hybrid_jax.train import state_bytes
+from hybrid_jax.train.audit import audit as audit_dots
+from hybrid_jax.train.audit import expected_from_plan
 
 
 def _nbytes(leaf: Any) -> int:
@@ -39,15 +41,23 @@ class Inspection:
       step_memory: XLA's memory analysis of the compiled step: ``argument_bytes``,
         ``output_bytes``, ``alias_bytes`` (outputs written into donated inputs) and
         ``temp_bytes`` (activations and scratch).
+      audit: with ``audit=True``, the dots of the compiled step and their dtypes against the
+        plan (:func:`~hybrid_jax.train.audit.audit`).
     """
 
     table: Table
     memory: dict[str, float]
     step_memory: dict[str, int | None]
+    audit: Table | None = None
 
     def __str__(self) -> str:
         m, s = self.memory, self.step_memory
         mb = lambda n: "-" if n is None else format_bytes(n)
+        audit = (
+            []
+            if self.audit is None
+            else ["", "precision audit of the compiled step", str(self.audit)]
+        )
         return "\n".join(
             [
                 str(self.table),
@@ -57,15 +67,18 @@ class Inspection:
                 f"compiled step (XLA memory analysis): arguments {mb(s['argument_bytes'])}, "
                 f"outputs {mb(s['output_bytes'])} ({mb(s['alias_bytes'])} in donated inputs), "
                 f"temporaries {mb(s['temp_bytes'])} (activations and scratch)",
+                *audit,
             ]
         )
 
 
-def inspect_run(config: RunConfig) -> Inspection:
+def inspect_run(config: RunConfig, *, audit: bool = False) -> Inspection:
     """The precision plan, optimizer groups and memory of ``config``'s run, before training.
 
     Args:
       config: the run's settings (model shape, precision, optimizer, batch).
+      audit: also list the dots of the compiled step with their operand and result dtypes,
+        flagging those that differ from what the plan asked for.
 
     Returns:
       An :class:`Inspection`; ``str()`` of it is what ``hybrid-jax inspect`` prints.
@@ -131,9 +144,11 @@ def inspect_run(config: RunConfig) -> Inspection:
     table = Table(columns, tuple(rows), tuple(footer))
 
     batch = run.sample_train(jax.random.fold_in(run.data_key, 0))
-    analysis = run.step.lower(state, batch).compile().memory_analysis()
+    compiled = run.step.lower(state, batch).compile()
+    analysis = compiled.memory_analysis()
     step_memory = {
         key: getattr(analysis, f"{key[:-6]}_size_in_bytes", None)
         for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes")
     }
-    return Inspection(table, memory, step_memory)
+    found = audit_dots(compiled, expected_from_plan(policies)) if audit else None
+    return Inspection(table, memory, step_memory, found)

@@ -49,9 +49,10 @@ def test_rows_name_the_dtypes_and_groups():
 
 def test_the_command_prints_the_table_and_rejects_bad_input(capsys):
     args = ["inspect", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8"]
-    assert cli.main(args) == 0
+    assert cli.main([*args, "--audit"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:3] == ["path", "shape", "param"]
     assert "compiled step (XLA memory analysis)" in out
+    assert "precision audit of the compiled step" in out and "blocks/0/mlp/fc" in out
     assert cli.main([*args, "--precision", "bf17"]) == 2
     assert "cannot parse policy 'bf17'" in capsys.readouterr().err

@@ -91,6 +91,19 @@ class Checkpointer:
             ) from e
         return restored.state, dict(restored.meta or {})
 
+    def meta(self, step: int | None = None) -> dict:
+        """Only the metadata of step ``step`` (default: the latest), e.g. a run's settings, to
+        build the state that :meth:`restore` needs.
+
+        Raises:
+          FileNotFoundError: no checkpoint in the folder.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored.meta or {})
+
     def wait(self) -> None:
         """Blocks until every started save is committed to disk."""
         self._manager.wait_until_finished()

@@ -1,0 +1,147 @@
+"""``hybrid-jax mix``: soups and merges of the parameters of saved runs.
+
+Each run folder is one that ``hybrid-jax train`` wrote (its ``checkpoints/`` hold the settings).
+:func:`mix_runs` restores each run's latest parameters, widens them to fp32 (runs may have
+trained in different precisions), mixes them with :mod:`hybrid_jax.mixing` and evaluates every
+ingredient and the result on the same fixed validation batches, under the first run's settings.
+The result is saved as a checkpoint of the first run's settings at step 0 with a fresh optimizer
+state, so ``hybrid-jax train --out <out> --resume`` fine-tunes from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from hybrid_jax import mixing
+from hybrid_jax._table import Table
+from hybrid_jax.experiment import RunConfig, build
+from hybrid_jax.precision import cast_to_param
+from hybrid_jax.train import Checkpointer, evaluate
+
+MODES = ("uniform", "greedy", "merge", "interpolate")
+
+
+def _restore_params(folder: str) -> tuple[RunConfig, Any]:
+    """A run's settings and its latest parameters, widened to fp32."""
+    with Checkpointer(os.path.join(folder, "checkpoints")) as ckpt:
+        config = RunConfig(**ckpt.meta()["settings"])
+        state, _ = ckpt.restore(build(config).state)
+    widen = lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return config, jax.tree_util.tree_map(widen, state.params)
+
+
+def _model_and_data(config: RunConfig) -> tuple:
+    return config.n_layer, config.n_head, config.n_embd, config.block_size, config.data
+
+
+def mix_runs(
+    folders: Sequence[str],
+    mode: str,
+    out: str,
+    *,
+    rules: str | None = None,
+    t: float = 0.5,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Mixes the latest parameters of the runs in ``folders``; evaluates and saves the result.
+
+    Args:
+      folders: run folders written by ``hybrid-jax train`` (same model shape).
+      mode: ``uniform`` (the mean, a uniform soup), ``greedy`` (Wortsman et al. 2022's greedy
+        soup: ingredients in order of validation loss, each kept only if the soup does not get
+        worse), ``merge`` (each leaf from the run its path rule names) or ``interpolate``
+        (``(1 - t) first + t second``).
+      out: the folder for the result (``checkpoints/``, ``mix.json``).
+      rules: for ``merge``: JSON (inline or a file) ``{"rules": [[pattern, run], ...],
+        "default": run}``, a run named by its folder's base name or its index.
+      t: for ``interpolate``.
+      log: where lines of text go.
+
+    Returns:
+      The summary written to ``<out>/mix.json``: each ingredient's and the result's
+      validation loss, the mode and what it kept.
+
+    Raises:
+      ValueError: an unknown mode, a wrong number of runs, runs of different model shapes, or
+        bad rules.
+      FileNotFoundError: a folder without a checkpoint.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+    if mode == "interpolate" and len(folders) != 2:
+        raise ValueError(f"mode 'interpolate' mixes exactly two runs, got {len(folders)}")
+    if not folders:
+        raise ValueError("no runs to mix")
+    restored = [_restore_params(f) for f in folders]
+    config = restored[0][0]
+    for folder, (other, _) in zip(folders, restored, strict=True):
+        if _model_and_data(other) != _model_and_data(config):
+            raise ValueError(
+                f"{folder} trained another model or data than {folders[0]}: mixing needs the "
+                "same n_layer, n_head, n_embd, block_size and data"
+            )
+    trees = [params for _, params in restored]
+    run = build(config)
+
+    def val_loss(params: Any) -> float:
+        params = cast_to_param(params, run.precision)
+        return evaluate(run.eval_step, params, run.val_set, run.state.fp8_meta)["lm"]
+
+    names = [os.path.basename(os.path.normpath(f)) for f in folders]
+    losses = [val_loss(tree) for tree in trees]
+    info: dict[str, Any] = {}
+    if mode == "uniform":
+        mixed = mixing.uniform_soup(trees)
+    elif mode == "greedy":
+        mixed, found = mixing.greedy_soup(trees, val_loss)
+        info["kept"] = [names[i] for i in found.kept]
+    elif mode == "interpolate":
+        mixed = mixing.interpolate(trees[0], trees[1], t)
+        info["t"] = t
+    else:
+        mixed = mixing.merge(dict(zip(names, trees, strict=True)), **_merge_rules(rules, names))
+    result_loss = val_loss(mixed)
+
+    state = dataclasses.replace(run.state, params=cast_to_param(mixed, run.precision))
+    with Checkpointer(os.path.join(out, "checkpoints")) as ckpt:
+        ckpt.save(state, meta={"settings": dataclasses.asdict(config), "mixed_from": folders})
+    summary = {
+        "mode": mode,
+        "runs": list(folders),
+        "val_loss": dict(zip(names, losses, strict=True)),
+        "result_val_loss": result_loss,
+        **info,
+    }
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "mix.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    rows = tuple((n, f"{loss:.4f}") for n, loss in zip(names, losses, strict=True))
+    log(str(Table(("run", "val loss"), rows, ((f"{mode} mix", f"{result_loss:.4f}"),))))
+    return summary
+
+
+def _merge_rules(spec: str | None, names: list[str]) -> dict[str, Any]:
+    if spec is None:
+        raise ValueError("mode 'merge' needs --rules: {\"rules\": [[pattern, run], ...]}")
+    if spec.lstrip().startswith("{"):
+        raw = json.loads(spec)
+    else:
+        with open(spec, encoding="utf-8") as f:
+            raw = json.load(f)
+    by_index = lambda v: names[v] if isinstance(v, int) else v
+    try:
+        rules = [(pattern, by_index(run)) for pattern, run in raw["rules"]]
+        default = raw.get("default")
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise ValueError(
+            f'merge rules must be {{"rules": [[pattern, run], ...], "default": run}} with '
+            f"runs named {names} or by index: {e!r}"
+        ) from None
+    return {"rules": rules, "default": None if default is None else by_index(default)}
