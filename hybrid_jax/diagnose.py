@@ -72,12 +72,16 @@ def _run_with_probes(graphdef, params, fp8_meta, tokens, probes, seen):
 def matmul_inputs(graphdef: Any, params: Any, fp8_meta: Any, tokens: jax.Array) -> dict:
     """The left operand (activations) of every layer's matmul for ``tokens``, by layer path.
 
-    Runs the model once, op by op, with each layer's ``dot_general`` wrapped so that it records
+    Runs the model once (jitted) with each layer's ``dot_general`` wrapped so that it records
     its input; the model itself is not changed (a fresh copy is merged from ``graphdef``).
     """
-    seen: dict[str, jax.Array] = {}
-    _run_with_probes(graphdef, params, fp8_meta, tokens, {}, seen)
-    return seen
+
+    def record(params, fp8_meta, tokens):
+        seen: dict[str, jax.Array] = {}
+        _run_with_probes(graphdef, params, fp8_meta, tokens, {}, seen)
+        return seen
+
+    return jax.jit(record)(params, fp8_meta, tokens)
 
 
 def diagnose(run: Any, state: TrainState, batch: Any) -> Diagnosis:
@@ -100,31 +104,28 @@ def diagnose(run: Any, state: TrainState, batch: Any) -> Diagnosis:
     """
     tokens, targets = batch
     trainable, frozen = split_frozen(state.params)
-    scale = float(np.asarray(state.loss_scale.loss_scale))
-    compute = cast_to_compute(state.params, run.precision)
-    activations = matmul_inputs(run.graphdef, compute, state.fp8_meta, tokens)
 
-    def total_of(logits):
-        # Scaled as the step scales it, so that the backward pass sees the same values.
+    def objective(trainable, probes):
+        params = cast_to_compute(merge_frozen(trainable, frozen), run.precision)
+        seen: dict[str, jax.Array] = {}
+        logits = _run_with_probes(run.graphdef, params, state.fp8_meta, tokens, probes, seen)
         total = run.weighting(terms_of_logits(logits, targets), step=state.step)[0]
-        return state.loss_scale.scale(total)
+        # Scaled as the step scales it, so that the backward pass sees the same values.
+        return state.loss_scale.scale(total), seen
 
     @jax.jit
-    def param_grads(trainable):
-        params = cast_to_compute(merge_frozen(trainable, frozen), run.precision)
-        return jax.grad(lambda p: total_of(nnx.merge(run.graphdef, p, state.fp8_meta)(tokens)))(
-            params
-        )
+    def measure(trainable, probes):
+        grad_fn = jax.grad(objective, argnums=(0, 1), has_aux=True)
+        (grads, probe_grads), activations = grad_fn(trainable, probes)
+        grads, probe_grads = state.loss_scale.unscale((grads, probe_grads))
+        with jax.numpy_dtype_promotion("standard"):  # Optax mixes int32 and float
+            updates, _ = run.optimizer.update(grads, state.opt_state, trainable)
+        return grads, probe_grads, activations, updates
 
-    def activation_total(probes):
-        logits = _run_with_probes(run.graphdef, compute, state.fp8_meta, tokens, probes, {})
-        return total_of(logits)
-
-    probes = {k: jnp.zeros(v.shape, jnp.float32) for k, v in activations.items()}
-    grads = state.loss_scale.unscale(param_grads(trainable))
-    activation_grads = state.loss_scale.unscale(jax.grad(activation_total)(probes))
-    with jax.numpy_dtype_promotion("standard"):  # Optax mixes int32 and float
-        updates, _ = run.optimizer.update(grads, state.opt_state, trainable)
+    shapes = jax.eval_shape(lambda t: objective(t, {})[1], trainable)
+    probes = {name: jnp.zeros(s.shape, jnp.float32) for name, s in shapes.items()}
+    grads, activation_grads, activations, updates = measure(trainable, probes)
+    scale = float(np.asarray(state.loss_scale.loss_scale))
     return Diagnosis(
         params=numerics_report(state.params),
         gradients=numerics_report(grads, scale=scale),

@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-import pytest
 
 from hybrid_jax import cli
 from hybrid_jax.experiment import RunConfig, build
@@ -11,11 +10,9 @@ from hybrid_jax.inspection import inspect_run
 TINY = dict(n_layer=1, n_head=2, n_embd=64, block_size=16, batch_size=4)
 
 
-@pytest.mark.parametrize(
-    ("precision", "optimizer"), [("bf16-mixed", "muon_adamw"), ("bf16-lean", "adamw")]
-)
-def test_totals_are_the_bytes_of_the_train_states_arrays(precision, optimizer):
-    config = RunConfig(precision=precision, optimizer=optimizer, **TINY)
+def test_totals_are_the_bytes_of_the_train_states_arrays():
+    # 8-bit moments (codes and scales) and bf16 params: the bytes most easily miscounted.
+    config = RunConfig(precision="bf16-lean", optimizer="adamw", **TINY)
     found = inspect_run(config)
     state = build(config).state
     arrays = jax.tree_util.tree_leaves(state)

@@ -14,11 +14,11 @@ from hybrid_jax.precision.storage import Int8Weight
 from hybrid_jax.train import split_frozen, state_bytes
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     hnp.arrays(
         np.float32,
-        hnp.array_shapes(min_dims=1, max_dims=3, max_side=6),
+        st.sampled_from([(5,), (3, 4), (2, 3, 6)]),  # few shapes: each one compiles
         elements=st.floats(-1e4, 1e4, width=32),
     )
 )
