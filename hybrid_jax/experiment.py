@@ -132,8 +132,8 @@ def build_optimizer(
     config: RunConfig, precision: Policy | PrecisionRules | None = None
 ) -> optax.GradientTransformation:
     """Gradient clipping, then AdamW (nanoGPT's recipe) or Muon + AdamW, on a cosine schedule;
-    wrapped by :func:`~hybrid_jax.optim.with_precision` when ``precision``'s policies have
-    optimizer keys (master, grad, mu, nu, update)."""
+    with ``precision``, :func:`~hybrid_jax.optim.with_precision` applies its policies' optimizer
+    keys (master, grad, mu, nu, update) leaf by leaf."""
     schedule = optax.warmup_cosine_decay_schedule(
         0.0,
         config.lr,
@@ -154,12 +154,8 @@ def build_optimizer(
             schedule, muon_learning_rate=muon_schedule, weight_decay=config.weight_decay
         )
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), inner)
-    optimizer_keys = ("master_dtype", "grad_dtype", "mu_dtype", "nu_dtype", "update")
-    if precision is not None and any(
-        getattr(p, key) is not None for p in _policies(precision) for key in optimizer_keys
-    ):
-        tx = with_precision(tx, precision, seed=config.seed)
-    return tx
+    # A policy without optimizer keys leaves the transformation as it is.
+    return tx if precision is None else with_precision(tx, precision, seed=config.seed)
 
 
 def optimizer_groups(config: RunConfig, params: Any) -> Any:

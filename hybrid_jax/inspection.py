@@ -19,7 +19,8 @@ import numpy as np
 from hybrid_jax import tree as tree_lib
 from hybrid_jax._table import Table, format_bytes
 from hybrid_jax.experiment import RunConfig, build, load_precision, optimizer_groups
-from hybrid_jax.precision import Policy, dtypes, plan
+from hybrid_jax.precision import dtypes, plan
+from hybrid_jax.precision.rules import policies_with_paths
 from hybrid_jax.train import state_bytes
 from hybrid_jax.train.audit import audit as audit_dots
 from hybrid_jax.train.audit import expected_from_plan
@@ -92,11 +93,10 @@ def inspect_run(config: RunConfig, *, audit: bool = False) -> Inspection:
     run = build(config)
     state = run.state
     params = state.params
-    is_policy = lambda x: isinstance(x, Policy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", tree_lib.UnusedRuleWarning)
         policies = plan(params, load_precision(config.precision))
-    flat_policies = jax.tree_util.tree_leaves(policies, is_leaf=is_policy)
+    flat_policies = [policy for _, policy in policies_with_paths(policies)]
     flat_groups = jax.tree_util.tree_leaves(optimizer_groups(config, params))
     leaves, _ = tree_lib.leaves_with_paths(params)
 

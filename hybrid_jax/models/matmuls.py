@@ -16,9 +16,9 @@ import jax
 from flax import nnx
 
 from hybrid_jax import tree as tree_lib
-from hybrid_jax.precision import Policy, dtypes, plan
+from hybrid_jax.precision import dtypes, plan
 from hybrid_jax.precision.matmul import dot_general_for, fp8_dot_general_delayed, fp8_meta
-from hybrid_jax.precision.rules import Precision
+from hybrid_jax.precision.rules import Precision, is_policy, policies_with_paths
 
 FP8_SCALINGS = ("current", "delayed")
 _WEIGHT_NAMES = ("kernel", "embedding")
@@ -143,11 +143,7 @@ def quantize_matmuls(
         raise ValueError(f"fp8_scaling must be one of {FP8_SCALINGS}, got {fp8_scaling!r}")
     params = nnx.state(model, nnx.Param)
     policies = plan(params, precision)
-    is_policy = lambda x: isinstance(x, Policy)
-    by_path = {
-        tree_lib.path_str(kp): policy
-        for kp, policy in jax.tree_util.tree_flatten_with_path(policies, is_leaf=is_policy)[0]
-    }
+    by_path = dict(policies_with_paths(policies))
     quantized = set()
     for layer_path, layer, weight in _matmul_layers(model):
         path = f"{layer_path}/{weight}" if layer_path else weight

@@ -20,7 +20,7 @@ from hybrid_jax import tree as tree_lib
 from hybrid_jax.optim.moments import with_moment_storage
 from hybrid_jax.optim.updates import low_precision_updates
 from hybrid_jax.precision import Policy, dtypes, plan
-from hybrid_jax.precision.rules import Precision
+from hybrid_jax.precision.rules import Precision, policies_with_paths
 
 
 def _policies(params: Any, precision: Precision) -> tuple[list[Policy], Any]:
@@ -31,7 +31,7 @@ def _policies(params: Any, precision: Precision) -> tuple[list[Policy], Any]:
         # checked against the whole tree when the parameters were cast.
         warnings.simplefilter("ignore", tree_lib.UnusedRuleWarning)
         policies = plan(params, precision)
-    flat_policies = jax.tree_util.tree_leaves(policies, is_leaf=lambda x: isinstance(x, Policy))
+    flat_policies = [policy for _, policy in policies_with_paths(policies)]
     if len(flat_policies) != len(flat):
         raise ValueError(
             f"the precision plan has {len(flat_policies)} policies for {len(flat)} parameters"

@@ -142,17 +142,29 @@ def plan(tree: Any, precision: Precision) -> Any:
     return precision
 
 
+def is_policy(x: Any) -> bool:
+    """Whether ``x`` is a :class:`Policy`: the leaves of a plan (``is_leaf`` for tree maps)."""
+    return isinstance(x, Policy)
+
+
+def policies_with_paths(plan_tree: Any) -> list[tuple[str, Policy]]:
+    """``[(path, policy), ...]`` of a plan (a tree of ``Policy``), in leaf order.
+
+    Examples:
+      >>> policies_with_paths(plan({"fc": {"kernel": jnp.ones(2)}}, "bf16-mixed"))
+      [('fc/kernel', Policy.parse('p=f32,c=bf16,o=f32'))]
+    """
+    flat = jax.tree_util.tree_flatten_with_path(plan_tree, is_leaf=is_policy)[0]
+    return [(tree_lib.path_str(keypath), policy) for keypath, policy in flat]
+
+
 def _cast(tree: T, precision: Precision, field: str) -> T:
     storage = field == "param_dtype"
     if isinstance(precision, (Policy, str)):
         policy = Policy.parse(precision)
         return cast_floating(tree, getattr(policy, field), policy.carrier_dtype, storage=storage)
     policies = plan(tree, precision)
-    is_policy = lambda x: isinstance(x, Policy)
-    plan_paths = [
-        tree_lib.path_str(kp)
-        for kp, _ in jax.tree_util.tree_flatten_with_path(policies, is_leaf=is_policy)[0]
-    ]
+    plan_paths = [path for path, _ in policies_with_paths(policies)]
     tree_paths = [path for path, _ in tree_lib.leaves_with_paths(tree)[0]]
     if plan_paths != tree_paths:
         missing = sorted(set(tree_paths) - set(plan_paths))[:5]

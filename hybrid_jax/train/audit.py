@@ -48,9 +48,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from hybrid_jax import tree as tree_lib
 from hybrid_jax._table import Table
-from hybrid_jax.precision import Policy, dtypes
+from hybrid_jax.precision import dtypes
+from hybrid_jax.precision.rules import is_policy, policies_with_paths
 
 PASSES = ("forward", "backward")
 WEIGHT_NAMES = ("kernel", "embedding")
@@ -665,10 +665,8 @@ def expected_from_plan(
       >>> {k: v.name for k, v in expected_from_plan(rules.plan(params)).items()}
       {'mlp/fc': 'float8_e4m3fn', 'tok_embed': 'bfloat16'}
     """
-    is_policy = lambda x: isinstance(x, Policy)
     expected = {}
-    for keypath, policy in jax.tree_util.tree_flatten_with_path(plan, is_leaf=is_policy)[0]:
-        path = tree_lib.path_str(keypath)
+    for path, policy in policies_with_paths(plan):
         if not is_policy(policy):
             raise TypeError(
                 f"expected_from_plan needs a tree of Policy; the leaf at {path!r} is "
@@ -689,7 +687,7 @@ def _check_expected(expected: Mapping[str, Any]) -> dict[str, np.dtype]:
         )
     checked = {}
     for layer, dtype in expected.items():
-        if isinstance(dtype, Policy):
+        if is_policy(dtype):
             raise TypeError(
                 f"expected[{layer!r}] is a Policy, not a dtype: build the mapping with "
                 "expected_from_plan(plan)"

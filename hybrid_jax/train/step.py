@@ -27,7 +27,7 @@ from hybrid_jax.precision import (
     plan,
     select_tree,
 )
-from hybrid_jax.precision.rules import Precision
+from hybrid_jax.precision.rules import Precision, policies_with_paths
 from hybrid_jax.train.state import TrainState, merge_frozen, split_frozen
 
 LossTermsFn = Callable[[Any, Any, jax.Array], Mapping[str, jax.Array]]
@@ -45,7 +45,7 @@ class _UnitWeights(Weighting):
 
 
 def _check_param_dtypes(params: Any, policies: Any) -> None:
-    flat_policies = jax.tree_util.tree_leaves(policies, is_leaf=lambda x: hasattr(x, "param_dtype"))
+    flat_policies = [policy for _, policy in policies_with_paths(policies)]
     for (path, leaf), policy in zip(
         tree_lib.leaves_with_paths(params)[0], flat_policies, strict=True
     ):
