@@ -115,17 +115,13 @@ def load_precision(spec: str) -> Policy | PrecisionRules:
     return Policy.parse(spec)
 
 
-def _policies(precision: Policy | PrecisionRules) -> list[Policy]:
-    if isinstance(precision, Policy):
-        return [precision]
-    return [
-        *(r.value for r in precision.rules),
-        *([precision.default] if precision.default else []),
-    ]
-
-
 def _uses_fp16(precision: Policy | PrecisionRules) -> bool:
-    return any(p.compute_dtype == jnp.float16 for p in _policies(precision))
+    if isinstance(precision, Policy):
+        policies = [precision]
+    else:
+        default = [precision.default] if precision.default else []
+        policies = [*(r.value for r in precision.rules), *default]
+    return any(p.compute_dtype == jnp.float16 for p in policies)
 
 
 def build_optimizer(

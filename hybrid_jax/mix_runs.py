@@ -28,13 +28,13 @@ from hybrid_jax.train import Checkpointer, evaluate
 MODES = ("uniform", "greedy", "merge", "interpolate")
 
 
-def _restore_params(folder: str) -> tuple[RunConfig, Any]:
-    """A run's settings and its latest parameters, widened to fp32."""
+def _restore_params(folder: str) -> tuple[Any, Any]:
+    """A run (built from its saved settings) and its latest parameters, widened to fp32."""
     with Checkpointer(os.path.join(folder, "checkpoints")) as ckpt:
-        config = RunConfig(**ckpt.meta()["settings"])
-        state, _ = ckpt.restore(build(config).state)
+        run = build(RunConfig(**ckpt.meta()["settings"]))
+        state, _ = ckpt.restore(run.state)
     widen = lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
-    return config, jax.tree_util.tree_map(widen, state.params)
+    return run, jax.tree_util.tree_map(widen, state.params)
 
 
 def _model_and_data(config: RunConfig) -> tuple:
@@ -80,15 +80,15 @@ def mix_runs(
     if not folders:
         raise ValueError("no runs to mix")
     restored = [_restore_params(f) for f in folders]
-    config = restored[0][0]
+    run = restored[0][0]
+    config = run.config
     for folder, (other, _) in zip(folders, restored, strict=True):
-        if _model_and_data(other) != _model_and_data(config):
+        if _model_and_data(other.config) != _model_and_data(config):
             raise ValueError(
                 f"{folder} trained another model or data than {folders[0]}: mixing needs the "
                 "same n_layer, n_head, n_embd, block_size and data"
             )
     trees = [params for _, params in restored]
-    run = build(config)
 
     def val_loss(params: Any) -> float:
         params = cast_to_param(params, run.precision)

@@ -75,7 +75,11 @@ def _fp8_operand(x, dtype, scale=None):
     return q, scale, value
 
 
-def _input_grads(lhs_f32, rhs_f32, dims, g_f32, lhs_like, rhs_like):
+def _input_grads(residuals, dims, g_f32):
+    """The operands' gradients from the kept codes and scales: the fp32 product's VJP at the
+    dequantized operands, cast to the operands' dtypes."""
+    lhs_q, lhs_scale, rhs_q, rhs_scale, lhs_like, rhs_like = residuals
+    lhs_f32, rhs_f32 = dequantize(lhs_q, lhs_scale, _F32), dequantize(rhs_q, rhs_scale, _F32)
     _, vjp = jax.vjp(lambda a, b: _dot_f32(a, b, dims), lhs_f32, rhs_f32)
     d_lhs, d_rhs = vjp(g_f32)
     return d_lhs.astype(lhs_like.dtype), d_rhs.astype(rhs_like.dtype)
@@ -98,16 +102,7 @@ def _fp8_dot_fwd(lhs, rhs, dims, forward_dtype, backward_dtype, out_dtype):
 
 def _fp8_dot_bwd(dims, forward_dtype, backward_dtype, out_dtype, residuals, g):
     del forward_dtype, out_dtype
-    lhs_q, lhs_scale, rhs_q, rhs_scale, lhs_like, rhs_like = residuals
-    g_f32 = round_trip(g, backward_dtype, _F32)
-    return _input_grads(
-        dequantize(lhs_q, lhs_scale, _F32),
-        dequantize(rhs_q, rhs_scale, _F32),
-        dims,
-        g_f32,
-        lhs_like,
-        rhs_like,
-    )
+    return _input_grads(residuals, dims, round_trip(g, backward_dtype, _F32))
 
 
 _fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
@@ -181,16 +176,15 @@ def fp8_meta(history_length: int = 16) -> dict[str, jax.Array]:
     return {name: jnp.zeros((history_length,), _F32) for name in ("lhs", "rhs", "grad")}
 
 
-def _delayed_scale(history: jax.Array, x: jax.Array, dtype: np.dtype) -> jax.Array:
+def _delayed(history: jax.Array, x: jax.Array, dtype: np.dtype) -> tuple[jax.Array, jax.Array]:
+    """The scale for ``x`` from ``history``, and the history with ``x``'s amax pushed in
+    (newest at index 0, the oldest dropped)."""
+    current = amax(x).astype(_F32)
     # An all-zero history knows nothing yet (the first step): use the tensor's own amax then,
     # rather than scale 1, which flushes typical weights and gradients to zero.
     known = jnp.max(history)
-    return scale_from_amax(jnp.where(known > 0, known, amax(x).astype(_F32)), dtype)
-
-
-def _push(history: jax.Array, x: jax.Array) -> jax.Array:
-    """The history with ``x``'s amax as its newest entry (index 0) and the oldest dropped."""
-    return jnp.roll(history, 1).at[0].set(amax(x).astype(_F32))
+    scale = scale_from_amax(jnp.where(known > 0, known, current), dtype)
+    return scale, jnp.roll(history, 1).at[0].set(current)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -199,29 +193,23 @@ def _fp8_dot_delayed(lhs, rhs, meta, dims, forward_dtype, backward_dtype, out_dt
 
 
 def _fp8_dot_delayed_fwd(lhs, rhs, meta, dims, forward_dtype, backward_dtype, out_dtype):
-    lhs_scale = _delayed_scale(meta["lhs"], lhs, forward_dtype)
-    rhs_scale = _delayed_scale(meta["rhs"], rhs, forward_dtype)
+    lhs_scale, lhs_history = _delayed(meta["lhs"], lhs, forward_dtype)
+    rhs_scale, rhs_history = _delayed(meta["rhs"], rhs, forward_dtype)
     lhs_q, lhs_scale, lhs_f32 = _fp8_operand(lhs, forward_dtype, lhs_scale)
     rhs_q, rhs_scale, rhs_f32 = _fp8_operand(rhs, forward_dtype, rhs_scale)
     out = _dot_f32(lhs_f32, rhs_f32, dims).astype(out_dtype)
-    new_meta = {"lhs": _push(meta["lhs"], lhs), "rhs": _push(meta["rhs"], rhs)}
-    residuals = (lhs_q, lhs_scale, rhs_q, rhs_scale, meta["grad"], new_meta, _like(lhs), _like(rhs))
-    return out, residuals
+    new_meta = {"lhs": lhs_history, "rhs": rhs_history}
+    codes = (lhs_q, lhs_scale, rhs_q, rhs_scale, _like(lhs), _like(rhs))
+    return out, (codes, meta["grad"], new_meta)
 
 
 def _fp8_dot_delayed_bwd(dims, forward_dtype, backward_dtype, out_dtype, residuals, g):
     del forward_dtype, out_dtype
-    lhs_q, lhs_scale, rhs_q, rhs_scale, grad_history, new_meta, lhs_like, rhs_like = residuals
-    g_f32 = round_trip(g, backward_dtype, _F32, _delayed_scale(grad_history, g, backward_dtype))
-    d_lhs, d_rhs = _input_grads(
-        dequantize(lhs_q, lhs_scale, _F32),
-        dequantize(rhs_q, rhs_scale, _F32),
-        dims,
-        g_f32,
-        lhs_like,
-        rhs_like,
-    )
-    return d_lhs, d_rhs, {**new_meta, "grad": _push(grad_history, g)}
+    codes, grad_history, new_meta = residuals
+    g_scale, grad_history = _delayed(grad_history, g, backward_dtype)
+    g_f32 = round_trip(g, backward_dtype, _F32, g_scale)
+    d_lhs, d_rhs = _input_grads(codes, dims, g_f32)
+    return d_lhs, d_rhs, {**new_meta, "grad": grad_history}
 
 
 _fp8_dot_delayed.defvjp(_fp8_dot_delayed_fwd, _fp8_dot_delayed_bwd)
@@ -331,16 +319,8 @@ def _int8_dot_fwd(lhs, rhs, dims, out_dtype):
 
 def _int8_dot_bwd(dims, out_dtype, residuals, g):
     del out_dtype
-    lhs_q, lhs_scale, rhs_q, rhs_scale, lhs_like, rhs_like = residuals
     # Straight-through: the gradient of the product of the dequantized operands.
-    return _input_grads(
-        lhs_q.astype(_F32) / lhs_scale,
-        rhs_q.astype(_F32) / rhs_scale,
-        dims,
-        g.astype(_F32),
-        lhs_like,
-        rhs_like,
-    )
+    return _input_grads(residuals, dims, g.astype(_F32))
 
 
 _int8_dot.defvjp(_int8_dot_fwd, _int8_dot_bwd)
