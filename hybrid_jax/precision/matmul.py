@@ -26,7 +26,6 @@ scales, not the wide inputs.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -34,7 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.precision import dtypes
-from hybrid_jax.precision.quantize import amax, dequantize, quantize, round_trip, scale_from_amax
+from hybrid_jax.precision.quantize import (
+    amax,
+    dequantize,
+    quantize,
+    quantize_int8_channels,
+    round_trip,
+    scale_from_amax,
+)
 
 DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], ...]]
 
@@ -275,24 +281,11 @@ def fp8_dot_general_delayed(
 # --- int8 -----------------------------------------------------------------------------------
 
 
-def _channel_quantize(x: jax.Array, contracting: Sequence[int]) -> tuple[jax.Array, jax.Array]:
-    """int8 codes and fp32 scales, one scale per index of the non-contracting axes.
-
-    Unlike :func:`~hybrid_jax.precision.quantize.amax`, the amax here keeps non-finite values:
-    a row or channel holding one gets a NaN or zero scale, and so non-finite outputs that the
-    train step's finite check sees.
-    """
-    x_f32 = x.astype(_F32)
-    channel_amax = jnp.max(jnp.abs(x_f32), axis=tuple(contracting), keepdims=True)
-    scale = jnp.where(channel_amax == 0, np.float32(1), np.float32(127) / channel_amax)
-    codes = jnp.round(jnp.clip(x_f32 * scale, -127, 127)).astype(jnp.int8)
-    return codes, scale
-
-
 def _int8_operands(lhs, rhs, dims):
     (lhs_contract, rhs_contract), _ = dims
-    lhs_q, lhs_scale = _channel_quantize(lhs, lhs_contract)
-    rhs_q, rhs_scale = _channel_quantize(rhs, rhs_contract)
+    # Per row of the activations and per output channel of the weights.
+    lhs_q, lhs_scale = quantize_int8_channels(lhs, lhs_contract)
+    rhs_q, rhs_scale = quantize_int8_channels(rhs, rhs_contract)
     return lhs_q, lhs_scale, rhs_q, rhs_scale
 
 

@@ -155,15 +155,15 @@ class Policy:
                     "bf16 or f16"
                 )
             object.__setattr__(self, field, dtype)
-        for field in ("master_dtype", "grad_dtype", "mu_dtype", "nu_dtype"):
+        for field in _OPTIMIZER_FIELDS:
+            if field == "update":
+                continue  # a rounding's name, not a dtype: _check_update_fields
             value = getattr(self, field)
             if value is None or value == "none":
                 object.__setattr__(self, field, None)
                 continue
             dtype = dtypes.parse_dtype(value)
-            allowed = dtypes.FLOATING | (
-                {dtypes.INT8} if field in ("mu_dtype", "nu_dtype") else set()
-            )
+            allowed = dtypes.FLOATING | ({dtypes.INT8} if field in _MOMENT_FIELDS else set())
             if dtype not in allowed:
                 raise ValueError(
                     f"{field} cannot be {dtypes.short_name(dtype)}; use f64, f32, bf16 or f16"

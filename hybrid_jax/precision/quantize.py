@@ -11,6 +11,7 @@ Engine), clipped to the format's range, and cast.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +96,27 @@ def quantize(x: jax.Array, dtype, scale: jax.Array | None = None) -> tuple[jax.A
     if dtype == dtypes.INT8:
         scaled = jnp.round(scaled)
     return scaled.astype(dtype), scale
+
+
+def quantize_int8_channels(x: jax.Array, axes: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 codes and fp32 scales, one scale per index of the axes not in ``axes``.
+
+    Each scale is ``127 / amax`` over ``axes`` (1 where the amax is 0), kept with size-1 axes so
+    that ``codes / scale`` dequantizes; values round half to even onto ``[-127, 127]``. Unlike
+    :func:`amax`, the amax keeps non-finite values: a channel holding one gets a NaN or zero
+    scale, so what it feeds comes out non-finite and a finite check sees it.
+
+    Examples:
+      >>> codes, scale = quantize_int8_channels(jnp.array([[0.5, -0.01], [0.25, 0.02]]), (0,))
+      >>> codes
+      Array([[127, -64],
+             [ 64, 127]], dtype=int8)
+    """
+    x_f32 = x.astype(dtypes.FLOAT32)
+    channel_amax = jnp.max(jnp.abs(x_f32), axis=tuple(axes), keepdims=True)
+    scale = jnp.where(channel_amax == 0, np.float32(1), np.float32(127) / channel_amax)
+    codes = jnp.round(jnp.clip(x_f32 * scale, -127, 127)).astype(jnp.int8)
+    return codes, scale
 
 
 def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.bfloat16) -> jax.Array:

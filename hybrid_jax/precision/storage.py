@@ -19,6 +19,7 @@ import numpy as np
 
 from hybrid_jax import tree as tree_lib
 from hybrid_jax.precision import dtypes
+from hybrid_jax.precision.quantize import quantize_int8_channels
 
 
 @jax.tree_util.register_dataclass
@@ -58,12 +59,8 @@ class Int8Weight(tree_lib.CompoundLeaf):
         """
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"int8 storage quantizes floating arrays, got {x.dtype}")
-        x = x.astype(dtypes.FLOAT32)
-        axes = tuple(range(x.ndim - 1)) if x.ndim >= 2 else tuple(range(x.ndim))
-        channel_amax = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
-        scale = jnp.where(channel_amax == 0, np.float32(1), np.float32(127) / channel_amax)
-        codes = jnp.round(jnp.clip(x * scale, -127, 127)).astype(jnp.int8)
-        return cls(codes=codes, scale=scale)
+        axes = range(x.ndim - 1) if x.ndim >= 2 else range(x.ndim)
+        return cls(*quantize_int8_channels(x, axes))
 
     def dequantize(self, dtype=jnp.bfloat16) -> jax.Array:
         """``codes / scale`` in ``dtype``, computed in fp32."""
