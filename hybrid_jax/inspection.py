@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any
 
 import jax
 import numpy as np
@@ -24,10 +23,6 @@ from hybrid_jax.precision.rules import policies_with_paths
 from hybrid_jax.train import state_bytes
 from hybrid_jax.train.audit import audit as audit_dots
 from hybrid_jax.train.audit import expected_from_plan
-
-
-def _nbytes(leaf: Any) -> int:
-    return int(np.prod(np.shape(leaf), dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,12 +101,12 @@ def inspect_run(config: RunConfig, *, audit: bool = False) -> Inspection:
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
         owner = tree_lib.owner(tree_lib.path_str(keypath), state_of)
         if owner is not None:
-            state_of[owner] += _nbytes(leaf)
+            state_of[owner] += tree_lib.nbytes(leaf)
 
     rows, groups = [], {}
     for (path, leaf), policy, group in zip(leaves, flat_policies, flat_groups, strict=True):
         shape = tuple(np.shape(leaf))
-        param_bytes = int(leaf.nbytes)  # an Int8Weight counts its codes and scales
+        param_bytes = tree_lib.nbytes(leaf)  # an Int8Weight: its codes and scales
         row = (
             path,
             shape,

@@ -14,12 +14,14 @@ leaf decides it. ``re.search`` finds a match anywhere in the path, so ``"w"`` ma
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import warnings
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, Generic, TypeVar
 
 import jax
+import numpy as np
 
 V = TypeVar("V")
 
@@ -82,6 +84,20 @@ def leaves_with_paths(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return [(path_str(kp), leaf) for kp, leaf in flat], treedef
+
+
+def nbytes(tree: Any) -> int:
+    """The bytes of the array leaves of ``tree`` (arrays or ``jax.ShapeDtypeStruct`` s).
+
+    Examples:
+      >>> nbytes({"w": jax.ShapeDtypeStruct((3, 4), "float32"), "step": 0})
+      48
+    """
+    return sum(
+        math.prod(x.shape) * np.dtype(x.dtype).itemsize
+        for x in jax.tree_util.tree_leaves(tree)
+        if hasattr(x, "dtype") and hasattr(x, "shape")
+    )
 
 
 def tree_paths(tree: Any) -> Any:

@@ -157,10 +157,6 @@ def group_labels(
     return _label_fn(compiled, default is not None, strict)(params)
 
 
-def _nbytes(x: Any) -> int:
-    return int(np.prod(np.shape(x), dtype=np.int64)) * np.dtype(x.dtype).itemsize
-
-
 def describe(
     rules: Rules,
     params: Any,
@@ -206,10 +202,10 @@ def describe(
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         owner = tree_lib.owner(tree_lib.path_str(keypath), per_leaf)
         if owner is not None:
-            per_leaf[owner] += _nbytes(leaf)
+            per_leaf[owner] += tree_lib.nbytes(leaf)
         else:  # PartitionState.inner_states[group]: the group is the second key
             group = keypath[1].key if len(keypath) > 1 else DEFAULT_GROUP
-            overhead[group] = overhead.get(group, 0) + _nbytes(leaf)
+            overhead[group] = overhead.get(group, 0) + tree_lib.nbytes(leaf)
 
     rows, summary = [], {}
     for path, leaf in leaves:
@@ -223,7 +219,7 @@ def describe(
         (str(g), "", size, _leaves(n), format_bytes(nbytes))
         for g, (n, size, nbytes) in sorted(summary.items(), key=lambda kv: str(kv[0]))
     ]
-    total_bytes = sum(_nbytes(x) for x in jax.tree_util.tree_leaves(state))
+    total_bytes = tree_lib.nbytes(state)
     total_size = sum(size for _, size, _ in summary.values())
     footer.append(("total", "", total_size, _leaves(len(leaves)), format_bytes(total_bytes)))
     return Table(("path", "shape", "size", "group", "state"), tuple(rows), tuple(footer))

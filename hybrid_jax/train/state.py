@@ -157,14 +157,6 @@ class TrainState:
         )
 
 
-def _nbytes(tree: Any) -> int:
-    return sum(
-        int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
-        for x in jax.tree_util.tree_leaves(tree)
-        if hasattr(x, "dtype")
-    )
-
-
 def state_bytes(state: TrainState) -> dict[str, float]:
     """The bytes a train state holds, from its arrays, and their ratio to the parameter count.
 
@@ -182,9 +174,9 @@ def state_bytes(state: TrainState) -> dict[str, float]:
       >>> round(state_bytes(state)["bytes_per_param"], 2)
       12.02
     """
-    params = _nbytes(state.params)
-    opt_state = _nbytes(state.opt_state)
-    total = _nbytes(state)
+    params = tree_lib.nbytes(state.params)
+    opt_state = tree_lib.nbytes(state.opt_state)
+    total = tree_lib.nbytes(state)
     num_params = sum(
         int(np.prod(x.shape, dtype=np.int64))
         for x in jax.tree_util.tree_leaves(state.params, is_leaf=tree_lib.is_leaf)
