@@ -8,7 +8,8 @@ before step ``t + 1`` of any, so that the machine's slow and fast moments spread
 recipes alike. Each step is timed alone (``block_until_ready``); the first steps (warm-up) are
 left out and the median of the rest is reported with their count. fp32 is always in the run:
 every ratio and gap is to fp32 measured in the same run. A recipe whose loss stops being finite
-or ends above where it started is reported as diverged, never dropped.
+or does not end below where it started (e.g. every step skipped as non-finite) is reported as
+diverged, never dropped.
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ def _row(entry: _Entry, base: RunConfig, reference: dict | None) -> dict[str, An
     timed = entry.times[_WARMUP_STEPS:] or entry.times
     step_s = statistics.median(timed)
     final = entry.curve[-1][1]
-    diverged = not (entry.finite and math.isfinite(final)) or final > entry.curve[0][1]
+    diverged = not (entry.finite and math.isfinite(final)) or final >= entry.curve[0][1]
     memory = entry.memory
     memory_of_state = state_bytes(entry.state)
     row = {

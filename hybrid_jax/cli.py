@@ -120,6 +120,29 @@ def _add_train(commands) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
+        "--max-skips",
+        type=int,
+        default=d.max_skips,
+        help="non-finite steps in a row (each skipped) before rolling back to the last "
+        "checkpoint; if they come back, stop with an error (%(default)s)",
+    )
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="shard over a device mesh of all processes' devices: data=N (data parallel), "
+        "fsdp=N (parameters and optimizer state sharded) or both, e.g. data=4,fsdp=2; -1 "
+        "takes the devices left (default: one device, no sharding)",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run (jax.distributed.initialize) before anything else; "
+        "on TPU pods, SLURM and Open MPI the next three flags are found automatically",
+    )
+    p.add_argument("--coordinator", default=None, help="host:port of process 0")
+    p.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    p.add_argument("--process-id", type=int, default=None, help="this process's index")
+    p.add_argument(
         "--diagnose",
         action="store_true",
         help="after training, report per layer the numerics of parameters, gradients and "
@@ -252,12 +275,20 @@ def _keep_freed_memory() -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from hybrid_jax.experiment import train
+    from hybrid_jax.train.guard import NonFiniteError
 
     _keep_freed_memory()
     try:
+        explicit = (args.coordinator, args.num_processes, args.process_id)
+        if args.distributed or any(a is not None for a in explicit):
+            from hybrid_jax.train.sharding import initialize_distributed
+
+            initialize_distributed(*explicit)
         config = _run_config(
             args,
             steps=args.steps,
+            mesh=args.mesh,
+            max_skips=args.max_skips,
             lr=args.lr,
             min_lr=args.lr / 10,
             eval_interval=args.eval_interval,
@@ -277,6 +308,9 @@ def _train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"hybrid-jax train: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"hybrid-jax train: training failed: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import time
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from hybrid_jax import data as data_lib
 from hybrid_jax.losses import Weighted, cross_entropy, z_loss
@@ -31,6 +33,15 @@ from hybrid_jax.models.matmuls import FP8_SCALINGS
 from hybrid_jax.optim import group_labels, muon_adamw, muon_adamw_rules, with_precision
 from hybrid_jax.precision import DynamicLossScale, NoOpLossScale, Policy, PrecisionRules
 from hybrid_jax.train import Checkpointer, TrainState, evaluate, make_eval_step, make_train_step
+from hybrid_jax.train.guard import NonFiniteError, SkipGuard
+from hybrid_jax.train.sharding import (
+    batch_axes,
+    batch_sharding,
+    make_mesh,
+    parse_mesh,
+    replicated,
+    shard_state,
+)
 
 OPTIMIZERS = ("muon_adamw", "adamw")
 LOSS_SCALES = ("auto", "dynamic", "none")
@@ -65,6 +76,8 @@ class RunConfig:
     loss_scale: str = "auto"
     ema_decay: float = 0.0
     eval_ema: bool = False
+    mesh: str | None = None
+    max_skips: int = 20
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -75,6 +88,8 @@ class RunConfig:
             raise ValueError("eval_ema needs an EMA of the parameters: set ema_decay, e.g. 0.999")
         if self.loss_scale not in LOSS_SCALES:
             raise ValueError(f"unknown loss_scale {self.loss_scale!r}; choose from {LOSS_SCALES}")
+        if self.mesh is not None:
+            parse_mesh(self.mesh)
         if self.fp8_scaling not in FP8_SCALINGS:
             raise ValueError(
                 f"unknown fp8_scaling {self.fp8_scaling!r}; choose from {FP8_SCALINGS}"
@@ -89,6 +104,7 @@ class RunConfig:
             "eval_interval",
             "eval_batches",
             "eval_batch_size",
+            "max_skips",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -189,14 +205,32 @@ class Run:
     precision: Any
     weighting: Weighted
     optimizer: optax.GradientTransformation
+    mesh: Mesh | None = None
 
 
 def build(config: RunConfig) -> Run:
-    """Builds everything a run needs, without running it."""
+    """Builds everything a run needs, without running it.
+
+    With ``config.mesh`` (e.g. ``"data=4,fsdp=2"``) the state is sharded over a device mesh
+    (:mod:`hybrid_jax.train.sharding`), batches are sampled straight into their shards and the
+    step runs data-parallel and FSDP; across processes too, after
+    :func:`~hybrid_jax.train.sharding.initialize_distributed`.
+    """
+    mesh = None if config.mesh is None else make_mesh(config.mesh)
+    if mesh is not None:
+        parts = math.prod(mesh.shape[a] for a in batch_axes(mesh))
+        if config.batch_size % parts:
+            raise ValueError(
+                f"batch size {config.batch_size} cannot be split over mesh {config.mesh!r} "
+                f"({parts} data x fsdp devices); use a batch size that is a multiple of "
+                f"{parts}, or a mesh with fewer data/fsdp devices"
+            )
     dataset = data_lib.load_dataset(config.data, block_size=config.block_size)
     tokenizer = dataset.tokenizer
-    # On the device once: batches are then sampled there, and the host never builds one.
-    train_tokens, val_tokens = jnp.asarray(dataset.train), jnp.asarray(dataset.val)
+    # On the device once: batches are then sampled there, and the host never builds one. With a
+    # mesh, every device holds the (small) corpus and samples its own share of each batch.
+    to_device = jnp.asarray if mesh is None else lambda x: jax.device_put(x, replicated(mesh))
+    train_tokens, val_tokens = to_device(dataset.train), to_device(dataset.val)
     model = GPT(
         GPTConfig(
             vocab_size=tokenizer.vocab_size,
@@ -235,7 +269,10 @@ def build(config: RunConfig) -> Run:
         fp8_meta=no_fp8_meta,
         ema=ema,
     )
+    if mesh is not None:
+        state = shard_state(state, mesh)
     batch_size, block_size = config.batch_size, config.block_size
+    sample = lambda key: data_lib.sample_batch(train_tokens, key, batch_size, block_size)
     return Run(
         config=config,
         tokenizer=tokenizer,
@@ -248,11 +285,12 @@ def build(config: RunConfig) -> Run:
             precision=cast_plan,
             loss_scale=loss_scale,
             ema=ema,
+            mesh=mesh,
         ),
         eval_step=make_eval_step(loss_terms, precision=cast_plan),
-        sample_train=jax.jit(
-            lambda key: data_lib.sample_batch(train_tokens, key, batch_size, block_size)
-        ),
+        sample_train=jax.jit(sample)
+        if mesh is None
+        else jax.jit(sample, out_shardings=batch_sharding(mesh)),
         val_set=data_lib.eval_batches(
             val_tokens, config.eval_batches, config.eval_batch_size, block_size, seed=config.seed
         ),
@@ -261,6 +299,7 @@ def build(config: RunConfig) -> Run:
         precision=cast_plan,
         weighting=weighting,
         optimizer=tx,
+        mesh=mesh,
     )
 
 
@@ -369,6 +408,10 @@ def train(
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     run = build(config)
+    # Every process runs the same steps; the first one alone writes files and prints.
+    main = jax.process_index() == 0
+    if not main:
+        progress, log = False, lambda text: None
     eval_params = lambda state: state.ema_params if config.eval_ema else state.params
     state = run.state
     settings = dataclasses.asdict(config)
@@ -382,8 +425,9 @@ def train(
             carried.update({k: meta[k] for k in carried if k in meta})
             log(f"resumed from step {int(state.step)} in {ckpt.directory}")
         first = int(jax.device_get(state.step))
+        metrics_path = os.path.join(out, "metrics.jsonl") if main else os.devnull
         metrics_file = stack.enter_context(
-            open(os.path.join(out, "metrics.jsonl"), "a" if resume else "w", encoding="utf-8")
+            open(metrics_path, "a" if resume else "w", encoding="utf-8")
         )
         interrupt = stack.enter_context(_interrupt_flag())
         bar = stack.enter_context(_Progress(progress, first, config.steps, log))
@@ -399,18 +443,51 @@ def train(
             return host
 
         def save() -> None:
+            if ckpt.has(int(jax.device_get(state.step))):
+                return  # the final save right after a periodic one
             wall = carried["wall_time_s"] + time.perf_counter() - start_time
             ckpt.save(state, meta={"settings": settings, **carried, "wall_time_s": wall})
 
         tokens_per_step = config.batch_size * config.block_size
         val_loss, timer = float("nan"), _Throughput(tokens_per_step)
-        pending = None
-        for t in range(first, config.steps):
+        guard = SkipGuard(config.max_skips, min_loss_scale=_floor(state.loss_scale))
+
+        def check(metrics: dict[str, jax.Array], t: int) -> TrainState | None:
+            """Reads step ``t``'s metrics; after too many skips, the state to go on from."""
+            nonlocal state
+            host = read(metrics, t + 1)
+            bar.update(t + 1, host["loss"], timer.rate())
+            try:
+                reason = guard.observe(t, host)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"{e}; {_nonfinite_leaves(run, state, t)}") from None
+            if reason is None:
+                return None
+            start = guard.start_of_trouble()
+            good = [step for step in ckpt.all_steps() if step <= start]
+            if not good:
+                raise NonFiniteError(
+                    f"{reason}, and there is no checkpoint from before step {start} to roll back "
+                    f"to; {_nonfinite_leaves(run, state, t)}"
+                )
+            ckpt.wait()
+            ckpt.discard_after(max(good))  # the abandoned path's checkpoints
+            restored, _ = ckpt.restore(state, step=max(good))
+            guard.rolled_back(max(good))
+            record({"step": t + 1, "rollback_to": max(good), "reason": reason})
+            bar.note(f"{reason}: rolled back to the checkpoint of step {max(good)}")
+            return restored
+
+        pending, t = None, first
+        while t < config.steps:
             batch = run.sample_train(jax.random.fold_in(run.data_key, t))
             state, metrics = run.step(state, batch)
             if pending is not None:  # the previous step's metrics, read after this dispatch
-                bar.update(t, read(pending, t)["loss"], timer.rate())
-            pending = metrics
+                restored = check(*pending)
+                if restored is not None:
+                    state, pending, t = restored, None, int(jax.device_get(restored.step))
+                    continue
+            pending = (metrics, t)
             if t == first + 1:  # compilation is left out of the throughput
                 jax.block_until_ready(state)
                 timer.start()
@@ -434,8 +511,11 @@ def train(
                     "again with --resume to continue"
                 )
                 raise KeyboardInterrupt
-        if pending is not None:
-            bar.update(config.steps, read(pending, config.steps)["loss"], timer.rate())
+            t += 1
+            if t == config.steps and pending is not None:
+                restored = check(*pending)
+                if restored is not None:
+                    state, pending, t = restored, None, int(jax.device_get(restored.step))
         jax.block_until_ready(state)
         tokens_per_s = timer.rate()
         if first >= config.steps:  # nothing left to train: evaluate what was restored
@@ -458,10 +538,13 @@ def train(
         "first_step_val_loss_le_1.88": carried["first_step_val_loss_le_1.88"],
         "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
         "settings": settings,
     }
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if main:
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     if diagnose:
         from hybrid_jax.diagnose import diagnose as diagnose_state
 
@@ -478,13 +561,41 @@ def train(
     return summary
 
 
+def _floor(loss_scale: Any) -> float | None:
+    """The loss scale's floor, if it backs off (``DynamicLossScale``)."""
+    if isinstance(loss_scale, DynamicLossScale):
+        return float(jax.device_get(loss_scale.min_loss_scale))
+    return None
+
+
+def _nonfinite_leaves(run: Run, state: TrainState, t: int) -> str:
+    """Which gradients of step ``t``'s batch are not finite, recomputed from ``state`` (whose
+    parameters a skipped step left as they were) at its loss scale, for an error message."""
+    from hybrid_jax.diagnose import diagnose
+
+    batch = run.sample_train(jax.random.fold_in(run.data_key, t))
+    grads = diagnose(run, state, batch).gradients
+    bad = [p for p, n in zip(grads.column("path"), grads.column("nonfinite"), strict=True) if n]
+    if not bad:
+        return (
+            f"step {t}'s gradients are finite (at loss scale "
+            f"{float(jax.device_get(state.loss_scale.loss_scale)):g}), so the update or the "
+            "optimizer state was not: a parameter or moment overflowing its dtype (fp16?)"
+        )
+    shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+    return f"non-finite gradients at step {t} in {shown}"
+
+
 def _restore(ckpt: Checkpointer, like: TrainState, settings: dict) -> tuple[TrainState, dict]:
     """The latest checkpoint, after checking it was trained with these settings."""
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.directory}")
-    state, meta = ckpt.restore(like)
-    saved = {k: v for k, v in meta.get("settings", {}).items() if k != "steps"}
-    mine = {k: v for k, v in settings.items() if k != "steps"}
+    meta = ckpt.meta()  # settings first: their message says more than a shape mismatch
+    # A run may go on for more steps, on another mesh (the restore reshards it), or with
+    # another patience for skipped steps.
+    free = ("steps", "mesh", "max_skips")
+    saved = {k: v for k, v in meta.get("settings", {}).items() if k not in free}
+    mine = {k: v for k, v in settings.items() if k not in free}
     if saved != mine:
         changed = ", ".join(
             f"{k}={saved.get(k)!r}" for k in sorted(mine) if saved.get(k) != mine[k]
@@ -493,7 +604,7 @@ def _restore(ckpt: Checkpointer, like: TrainState, settings: dict) -> tuple[Trai
             f"--resume: the checkpoint in {ckpt.directory} was trained with other settings "
             f"({changed})"
         )
-    return state, meta
+    return ckpt.restore(like)
 
 
 class _Throughput:

@@ -1,21 +1,36 @@
-"""Training: the train state, the jitted train step, evaluation."""
+"""Training: the train state, the jitted train step, evaluation, sharding, checkpoints."""
 
 from hybrid_jax.train.audit import audit, audit_step, expected_from_plan, hlo_dots
 from hybrid_jax.train.checkpoint import Checkpointer
+from hybrid_jax.train.guard import NonFiniteError, SkipGuard
+from hybrid_jax.train.sharding import (
+    batch_sharding,
+    initialize_distributed,
+    make_mesh,
+    shard_state,
+    state_shardings,
+)
 from hybrid_jax.train.state import TrainState, merge_frozen, split_frozen, state_bytes
 from hybrid_jax.train.step import evaluate, make_eval_step, make_train_step
 
 __all__ = [
     "Checkpointer",
+    "NonFiniteError",
+    "SkipGuard",
     "TrainState",
     "audit",
     "audit_step",
+    "batch_sharding",
     "evaluate",
     "expected_from_plan",
     "hlo_dots",
+    "initialize_distributed",
     "make_eval_step",
+    "make_mesh",
     "make_train_step",
     "merge_frozen",
+    "shard_state",
     "split_frozen",
     "state_bytes",
+    "state_shardings",
 ]

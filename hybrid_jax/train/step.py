@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from hybrid_jax import tree as tree_lib
 from hybrid_jax.losses import Sum, Weighting
@@ -28,6 +29,7 @@ from hybrid_jax.precision import (
     select_tree,
 )
 from hybrid_jax.precision.rules import Precision, policies_with_paths
+from hybrid_jax.train.sharding import ShardedStep, replicated
 from hybrid_jax.train.state import TrainState, merge_frozen, split_frozen
 
 LossTermsFn = Callable[[Any, Any, jax.Array], Mapping[str, jax.Array]]
@@ -97,6 +99,7 @@ def make_train_step(
     grad_accum: int = 1,
     ema: EMA | None = None,
     donate: bool = True,
+    mesh: Mesh | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, Metrics]]:
     """Builds the jitted train step ``(state, batch) -> (state, metrics)``.
 
@@ -122,14 +125,24 @@ def make_train_step(
         by ``TrainState.create(..., ema=ema)``) after each applied update; skipped steps leave
         it as it was.
       donate: donate the input state's buffers to the output (the caller must not reuse it).
+      mesh: a ``(data, fsdp)`` mesh (:func:`~hybrid_jax.train.sharding.make_mesh`) to run
+        data-parallel and FSDP over; ``None``: wherever the inputs are.
 
     Returns:
       A jitted function. ``metrics`` holds ``loss`` (the weighted total, unscaled, fp32),
       ``loss/<term>``, ``weight/<term>``, ``grad_norm`` (of the unscaled gradients),
       ``loss_scale`` (the scale used this step) and ``skipped`` (1 if the update was skipped).
+      A step is skipped when its gradients or the state it would produce hold a NaN or Inf.
       A skipped step leaves params, optimizer state and weighting state bitwise unchanged, lets
-      the loss scale back off, and still advances ``state.step`` (so schedules and data move on,
-      while Optax's own step counts inside ``opt_state`` do not).
+      the loss scale back off (when the gradients were at fault), and still advances
+      ``state.step`` (so schedules and data move on, while Optax's own step counts inside
+      ``opt_state`` do not).
+
+      With ``mesh``, the function is jitted with explicit shardings
+      (:func:`~hybrid_jax.train.sharding.state_shardings`, the batch over ``data`` and
+      ``fsdp``, metrics replicated); the state must be placed with
+      :func:`~hybrid_jax.train.sharding.shard_state` and a batch whose size the batch axes do
+      not divide is a ``ValueError``.
 
     Examples:
       >>> def loss_terms(params, batch, rng):
@@ -166,6 +179,10 @@ def make_train_step(
         def terms_fn(trainable, micro_batch, micro_key, fp8_meta):
             extra = (fp8_meta,) if has_fp8_meta else ()
             compute = cast_to_compute(merge_frozen(trainable, frozen), policies)
+            if mesh is not None:
+                # FSDP: each layer's weights are gathered whole, in the compute dtype, for the
+                # forward and backward; their gradients reduce-scatter back to the shards.
+                compute = jax.lax.with_sharding_constraint(compute, replicated(mesh))
             return loss_terms_fn(compute, micro_batch, micro_key, *extra)
 
         def weight_objective(weight_params, terms):
@@ -231,9 +248,12 @@ def make_train_step(
             grads, (terms, total, metrics) = mean
 
         model_grads, weight_grads = scale.unscale(grads)
-        finite = all_finite((model_grads, weight_grads))
+        grads_finite = all_finite((model_grads, weight_grads))
         if per_term:
             model_grads = mixer(model_grads, key)
+        # Unscaling computes in fp32; the optimizer gets each gradient in its parameter's dtype,
+        # as without a loss scale, so that its state keeps the dtypes it was created with.
+        model_grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), model_grads, trainable)
 
         # Optax's own code (Adam's bias correction, schedules) mixes int32 and float, which
         # strict promotion refuses; the rest of the step stays under the caller's setting.
@@ -247,6 +267,10 @@ def make_train_step(
                 )
                 weight_params = optax.apply_updates(weight_params, w_updates)
         weight_state = weighting.update(terms, state.weight_state, state.step)
+        # Finite gradients can still give a non-finite result (fp16 params or moments that
+        # overflow, an epsilon that underflows): that step is skipped too, so no NaN or Inf
+        # ever reaches the state. The loss scale answers only to the gradients, as in jmp.
+        finite = grads_finite & all_finite((params, opt_state, weight_params, weight_opt_state))
 
         new, old = (
             (params, opt_state, weight_params, weight_opt_state, weight_state, fp8_meta),
@@ -272,7 +296,7 @@ def make_train_step(
             step=state.step + 1,
             params=kept[0],
             opt_state=kept[1],
-            loss_scale=scale.adjust(finite),
+            loss_scale=scale.adjust(grads_finite),
             rng=state.rng,
             weight_params=kept[2],
             weight_opt_state=kept[3],
@@ -289,7 +313,10 @@ def make_train_step(
         }
         return new_state, metrics
 
-    return jax.jit(step_fn, donate_argnums=(0,) if donate else ())
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        return jax.jit(step_fn, donate_argnums=donate_argnums)
+    return ShardedStep(step_fn, mesh, donate_argnums=donate_argnums)
 
 
 def make_eval_step(

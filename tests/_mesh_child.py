@@ -1,0 +1,161 @@
+"""Runs in a subprocess with 8 CPU devices (tests/test_sharding.py): the same runs on one device
+and on meshes (8, 1), (4, 2) and (1, 8); prints one JSON object with what the parent checks.
+
+Importing it does nothing (pytest's doctest collection imports every module).
+"""
+
+import json
+import sys
+
+
+def _specs(tree):
+    import jax
+
+    from hybrid_jax.tree import leaves_with_paths
+
+    leaves = leaves_with_paths(tree)[0]
+    return {path: str(tuple(leaf.sharding.spec)) for path, leaf in leaves} | {
+        "#devices": sorted({len(leaf.sharding.device_set) for _, leaf in leaves}),
+        "#leaves": len(jax.tree_util.tree_leaves(tree)),
+    }
+
+
+def _gpt(meshes):
+    """The main job's GPT under fp16-mixed (fp32 masters, fp16 compute, a dynamic loss scale)
+    and Muon + AdamW (three optimizer groups), 20 steps per mesh."""
+    import jax
+
+    from hybrid_jax.experiment import RunConfig, build
+
+    out = {}
+    for mesh in meshes:
+        config = RunConfig(
+            precision="fp16-mixed",
+            steps=20,
+            n_layer=1,
+            n_head=2,
+            n_embd=32,
+            block_size=16,
+            batch_size=16,
+            eval_batches=1,
+            mesh=mesh,
+        )
+        run = build(config)
+        state, losses = run.state, []
+        for t in range(20):
+            state, metrics = run.step(state, run.sample_train(jax.random.fold_in(run.data_key, t)))
+            losses.append(float(metrics["loss"]))
+        entry = {"losses": losses, "loss_scale": float(state.loss_scale.loss_scale)}
+        if mesh is not None:
+            entry["params"] = _specs(state.params)
+            entry["opt_state"] = _specs(state.opt_state)
+            entry["loss_scale_spec"] = _specs(state.loss_scale)
+        out[str(mesh)] = entry
+    return out
+
+
+def _frozen_mixed(meshes):
+    """A dict MLP with bf16 and fp32 params, Adam and SGD-momentum groups and a frozen group
+    (no state), under a dynamic loss scale, through make_train_step directly."""
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import hybrid_jax as hj
+    from hybrid_jax.optim import by_path
+    from hybrid_jax.train import TrainState, make_train_step
+    from hybrid_jax.train.sharding import make_mesh, shard_state
+
+    def fresh_params():  # new arrays per run: the step donates the state it is given
+        rng = np.random.default_rng(0)
+        w = lambda *s: jnp.asarray(rng.normal(0, 0.3, s), jnp.float32)
+        return {"a": {"kernel": w(8, 64), "bias": w(64)}, "b": {"kernel": w(64, 4)}, "frozen": w(4)}
+
+    precision = hj.PrecisionRules([("^a/", "p=bf16,c=bf16,o=f32")], default="bf16-mixed")
+    tx = by_path(
+        [
+            ("^a/", optax.adam(1e-2)),
+            ("^b/", optax.sgd(0.1, momentum=0.9)),
+            ("^frozen", optax.set_to_zero()),
+        ]
+    )
+
+    def terms(p, batch, key):
+        del key
+        h = jnp.tanh(batch["x"].astype(jnp.bfloat16) @ p["a"]["kernel"] + p["a"]["bias"])
+        out = (h @ p["b"]["kernel"]).astype(jnp.float32) + jnp.sum(p["frozen"]).astype(jnp.float32)
+        return {"mse": jnp.mean((out - batch["y"]) ** 2)}
+
+    data = np.random.default_rng(1)
+    batches = [
+        {"x": data.normal(size=(16, 8)).astype("f4"), "y": data.normal(size=(16, 4)).astype("f4")}
+        for _ in range(20)
+    ]
+    out = {}
+    for spec in meshes:
+        mesh = None if spec is None else make_mesh(spec)
+        step = make_train_step(
+            terms,
+            optimizer=tx,
+            precision=precision,
+            loss_scale=hj.DynamicLossScale(2.0**10),
+            mesh=mesh,
+        )
+        state = TrainState.create(
+            fresh_params(), tx, precision=precision, loss_scale=hj.DynamicLossScale(2.0**10)
+        )
+        if mesh is not None:
+            state = shard_state(state, mesh)
+        losses = []
+        for batch in batches:
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+        entry = {
+            "losses": losses,
+            "params": {
+                k: np.asarray(v, np.float32).tolist()
+                for k, v in hj.tree.leaves_with_paths(state.params)[0]
+            },
+            "dtypes": {k: str(v.dtype) for k, v in hj.tree.leaves_with_paths(state.params)[0]},
+        }
+        if mesh is not None:
+            entry["param_specs"] = _specs(state.params)
+            entry["opt_state"] = _specs(state.opt_state)
+        out[str(spec)] = entry
+    return out
+
+
+def _errors():
+    """The messages a bad mesh or batch gets."""
+    import numpy as np
+
+    from hybrid_jax.experiment import RunConfig, build
+    from hybrid_jax.train.sharding import check_batch, make_mesh
+
+    messages = {}
+    for name, call in {
+        "mesh_not_dividing": lambda: make_mesh("data=3,fsdp=2"),
+        "batch_not_divisible": lambda: check_batch({"x": np.zeros((12, 3))}, make_mesh("fsdp=8")),
+        "run_batch_not_divisible": lambda: build(
+            RunConfig(batch_size=12, mesh="data=8", n_layer=1, n_embd=16, n_head=1)
+        ),
+    }.items():
+        try:
+            call()
+            messages[name] = None
+        except ValueError as e:
+            messages[name] = str(e)
+    return messages
+
+
+if __name__ == "__main__":
+    meshes = [None, "data=8", "data=4,fsdp=2", "fsdp=8"]
+    parts = sys.argv[1:] or ["gpt", "frozen_mixed", "errors"]
+    result = {}
+    if "errors" in parts:
+        result["errors"] = _errors()
+    if "frozen_mixed" in parts:
+        result["frozen_mixed"] = _frozen_mixed(meshes)
+    if "gpt" in parts:
+        result["gpt"] = _gpt(meshes)
+    print("RESULT " + json.dumps(result))
