@@ -1,5 +1,10 @@
 """Test-wide settings: strict dtype promotion (STYLE.md) and names for the doctests."""
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +13,17 @@ import pytest
 
 # The cheapest guard against silent upcasts: an implicit f32 * bf16 is an error under test.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# Many tests build the same small runs (experiment.build makes new closures, so the in-memory
+# cache misses): a compilation cache on disk compiles each program once per suite. One folder
+# per `pytest` invocation, made by the main process and inherited through the environment by
+# the xdist workers and the subprocesses tests start, so that timings never depend on an
+# earlier run.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hybrid_jax_jit_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def pytest_configure(config):
