@@ -322,3 +322,39 @@ def test_a_state_saved_on_8_devices_restores_onto_1_device_and_a_4x2_mesh(tmp_pa
         check=False,
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+# RELIABILITY row 13: every optimizer-state leaf's dtype, per recipe, against what the recipe
+# says, and the same after a checkpoint round trip.
+def _expected_state_dtype(recipe, path):
+    if path.endswith("count"):  # Optax's step counters, the stochastic-rounding counter
+        return jnp.int32
+    if path.endswith("ns_coeffs"):  # Muon's Newton-Schulz constants
+        return jnp.float32
+    if recipe == "bf16-pure":  # no master weights: Optax keeps the moments in the params' bf16
+        return jnp.bfloat16
+    if recipe == "bf16-lean":  # 8-bit moments (uint8 codes, fp32 block scales) where they fit
+        return jnp.uint8 if path.endswith("/codes") else jnp.float32
+    return jnp.float32  # fp32 master weights: fp32 moments
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "bf16-mixed", "fp16-mixed", "bf16-pure", "bf16-lean"])
+def test_every_optimizer_state_dtype_is_the_recipes_and_survives_a_round_trip(recipe, tmp_path):
+    from hybrid_jax.experiment import RunConfig, build
+    from hybrid_jax.tree import leaves_with_paths
+
+    state = build(RunConfig(precision=recipe, n_layer=1, n_head=2, n_embd=64, block_size=16)).state
+    leaves = leaves_with_paths(state.opt_state)[0]
+    wrong = [
+        (path, leaf.dtype)
+        for path, leaf in leaves
+        if leaf.dtype != _expected_state_dtype(recipe, path)
+    ]
+    assert not wrong, wrong
+    if recipe == "bf16-lean":
+        assert any(path.endswith("/codes") for path, _ in leaves)  # the 64x256 MLP matrices
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(state)
+        restored, _ = ckpt.restore(state)
+    chex.assert_trees_all_equal_dtypes(restored, state)
+    chex.assert_trees_all_equal(restored, state)

@@ -247,3 +247,28 @@ def test_fp16_without_master_weights_stops_with_an_error_instead_of_nan(tmp_path
     assert (
         "the update or the optimizer state was not" in message or "non-finite gradients" in message
     )
+
+
+def test_persistent_nonfinite_gradients_stop_the_run_with_an_error_naming_the_leaves(
+    monkeypatch, tmp_path
+):
+    # RELIABILITY row 4: every step's gradients are NaN (a NaN in the loss reaches every leaf).
+    from hybrid_jax import diagnose
+
+    original = experiment.terms_of_logits
+
+    def nan_terms(logits, targets):
+        terms = original(logits, targets)
+        return {**terms, "lm": terms["lm"] + jnp.float32(np.nan) * jnp.mean(logits)}
+
+    monkeypatch.setattr(experiment, "terms_of_logits", nan_terms)
+    monkeypatch.setattr(diagnose, "terms_of_logits", nan_terms)  # the error recomputes them
+    config = RunConfig(steps=10, max_skips=3, eval_batch_size=16, sample_chars=8, **_TINY)
+    with pytest.raises(NonFiniteError) as error:
+        experiment.train(config, tmp_path, progress=False, log=lambda _: None)
+    message = str(error.value)
+    assert message.startswith(
+        "3 steps in a row were skipped (steps 0-2), and there is no checkpoint from before step 0 "
+        "to roll back to; non-finite gradients at step 2 in blocks/0/attn/proj/kernel, "
+    ), message
+    assert message.endswith("more"), message  # all 9 leaves: 8 named, the rest counted
