@@ -20,31 +20,42 @@ def _specs(tree):
     }
 
 
-def _gpt(meshes):
+def _gpt_config(mesh):
     """The main job's GPT under fp16-mixed (fp32 masters, fp16 compute, a dynamic loss scale)
-    and Muon + AdamW (three optimizer groups), 20 steps per mesh."""
+    and Muon + AdamW (three optimizer groups), tiny."""
+    from hybrid_jax.experiment import RunConfig
+
+    return RunConfig(
+        precision="fp16-mixed",
+        steps=20,
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        batch_size=16,
+        eval_batches=1,
+        mesh=mesh,
+    )
+
+
+def _train(run, state, steps):
     import jax
 
-    from hybrid_jax.experiment import RunConfig, build
+    losses = []
+    for t in steps:
+        state, metrics = run.step(state, run.sample_train(jax.random.fold_in(run.data_key, t)))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def _gpt(meshes):
+    """20 steps of the GPT per mesh."""
+    from hybrid_jax.experiment import build
 
     out = {}
     for mesh in meshes:
-        config = RunConfig(
-            precision="fp16-mixed",
-            steps=20,
-            n_layer=1,
-            n_head=2,
-            n_embd=32,
-            block_size=16,
-            batch_size=16,
-            eval_batches=1,
-            mesh=mesh,
-        )
-        run = build(config)
-        state, losses = run.state, []
-        for t in range(20):
-            state, metrics = run.step(state, run.sample_train(jax.random.fold_in(run.data_key, t)))
-            losses.append(float(metrics["loss"]))
+        run = build(_gpt_config(mesh))
+        state, losses = _train(run, run.state, range(20))
         entry = {"losses": losses, "loss_scale": float(state.loss_scale.loss_scale)}
         if mesh is not None:
             entry["params"] = _specs(state.params)
@@ -52,6 +63,29 @@ def _gpt(meshes):
             entry["loss_scale_spec"] = _specs(state.loss_scale)
         out[str(mesh)] = entry
     return out
+
+
+def _resume_elsewhere():
+    """10 steps on (8, 1), a checkpoint, then steps 10-19 on (4, 2) after the restore that
+    `hybrid-jax train --resume --mesh ...` does (settings checked, leaves resharded)."""
+    import dataclasses
+    import tempfile
+
+    from hybrid_jax.experiment import _restore, build
+    from hybrid_jax.train import Checkpointer
+
+    with tempfile.TemporaryDirectory() as folder:
+        first = build(_gpt_config("data=8"))
+        state, head = _train(first, first.state, range(10))
+        settings = dataclasses.asdict(first.config)
+        with Checkpointer(folder) as ckpt:
+            ckpt.save(state, meta={"settings": settings})
+        second = build(_gpt_config("data=4,fsdp=2"))
+        with Checkpointer(folder) as ckpt:
+            state, _ = _restore(ckpt, second.state, dataclasses.asdict(second.config))
+        restored_specs = _specs(state.params)
+        _, tail = _train(second, state, range(10, 20))
+    return {"losses": head + tail, "restored_params": restored_specs}
 
 
 def _frozen_mixed(meshes):
@@ -150,7 +184,7 @@ def _errors():
 
 if __name__ == "__main__":
     meshes = [None, "data=8", "data=4,fsdp=2", "fsdp=8"]
-    parts = sys.argv[1:] or ["gpt", "frozen_mixed", "errors"]
+    parts = sys.argv[1:] or ["gpt", "resume", "frozen_mixed", "errors"]
     result = {}
     if "errors" in parts:
         result["errors"] = _errors()
@@ -158,4 +192,6 @@ if __name__ == "__main__":
         result["frozen_mixed"] = _frozen_mixed(meshes)
     if "gpt" in parts:
         result["gpt"] = _gpt(meshes)
+    if "resume" in parts:
+        result["resume"] = _resume_elsewhere()
     print("RESULT " + json.dumps(result))

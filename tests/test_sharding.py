@@ -201,3 +201,12 @@ def test_bad_meshes_and_batches_are_errors_that_say_how_to_fix_them(eight_device
     assert errors["run_batch_not_divisible"].startswith(
         "batch size 12 cannot be split over mesh 'data=8'"
     )
+
+
+def test_a_run_saved_on_one_mesh_resumes_on_another(eight_devices):
+    # `hybrid-jax train --resume --mesh data=4,fsdp=2` after a run on data=8: the restore puts
+    # every leaf on the new mesh's shardings, and the run goes on as the one-device run does.
+    resumed = eight_devices["resume"]
+    assert resumed["restored_params"]["blocks/0/mlp/fc/kernel"] == "(None, 'fsdp')"
+    reference = eight_devices["gpt"]["None"]["losses"]
+    np.testing.assert_allclose(resumed["losses"], reference, rtol=5e-5)  # as on one mesh
