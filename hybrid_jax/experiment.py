@@ -454,7 +454,6 @@ def train(
 
         def check(metrics: dict[str, jax.Array], t: int) -> TrainState | None:
             """Reads step ``t``'s metrics; after too many skips, the state to go on from."""
-            nonlocal state
             host = read(metrics, t + 1)
             bar.update(t + 1, host["loss"], timer.rate())
             try:
