@@ -1,4 +1,5 @@
-"""Two processes on loopback, JAX's CPU collectives (gloo) standing in for two hosts.
+"""Two processes on loopback, JAX's CPU collectives (gloo) standing in for two hosts: they train,
+checkpoint, resume, and match one process.
 
 In its own file so that pytest-xdist runs it beside tests/test_sharding.py's 8-device subprocess.
 """
@@ -23,13 +24,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_on_loopback_match_one_process(tmp_path):
-    port = _free_port()
+def _two_processes(tmp_path, *extra: str) -> list[str]:
+    """`hybrid-jax train` as processes 0 and 1 of one run; their outputs."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     command = [
-        sys.executable, "-m", "hybrid_jax.cli", "train", *flags, "--eval-interval=12",
+        sys.executable, "-m", "hybrid_jax.cli", "train", *flags, "--eval-interval=6",
         "--eval-batches=1", "--no-progress", "--mesh=data=2", f"--out={tmp_path}",
-        f"--coordinator=127.0.0.1:{port}", "--num-processes=2",
+        f"--coordinator=127.0.0.1:{_free_port()}", "--num-processes=2", *extra,
     ]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device each
     procs = [
@@ -46,6 +47,14 @@ def test_two_processes_on_loopback_match_one_process(tmp_path):
     for p, output in zip(procs, outputs, strict=True):
         assert p.returncode == 0, output[-3000:]
     assert "final val loss" in outputs[0] and "final val loss" not in outputs[1]  # one writer
+    return outputs
+
+
+def test_two_processes_on_loopback_save_resume_and_match_one_process(tmp_path):
+    # Steps 0-5, a checkpoint written by both processes, then two new processes resume it.
+    _two_processes(tmp_path, "--steps=6")
+    outputs = _two_processes(tmp_path, "--resume")
+    assert "resumed from step 6" in outputs[0]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (summary["processes"], summary["devices"]) == (2, 2)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
