@@ -159,6 +159,41 @@ def _frozen_mixed(meshes):
     return out
 
 
+def _accumulation_collectives():
+    """How many all-gathers the compiled (4, 2) step of an MLP does, without and with gradient
+    accumulation: micro-batches must come from each device's own shard of the batch."""
+    import re
+
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from hybrid_jax.train import TrainState, make_train_step
+    from hybrid_jax.train.sharding import make_mesh, shard_state
+
+    mesh = make_mesh("data=4,fsdp=2")
+    rng = np.random.default_rng(0)
+    params = {"w1": rng.normal(size=(64, 256)), "w2": rng.normal(size=(256, 8))}
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+    batch = {
+        "x": rng.normal(size=(64, 64)).astype("f4"),
+        "y": rng.normal(size=(64, 8)).astype("f4"),
+    }
+
+    def terms(p, b, key):
+        del key
+        return {"mse": jnp.mean((jnp.tanh(b["x"] @ p["w1"]) @ p["w2"] - b["y"]) ** 2)}
+
+    counts = {}
+    for accum in (1, 4):
+        tx = optax.adam(1e-3)
+        step = make_train_step(terms, optimizer=tx, grad_accum=accum, mesh=mesh)
+        state = shard_state(TrainState.create(params, tx), mesh)
+        hlo = step.lower(state, batch).compile().as_text()
+        counts[accum] = len(re.findall(r"= \S+ all-gather(-start)?\(", hlo))
+    return counts
+
+
 def _errors():
     """The messages a bad mesh or batch gets."""
     import numpy as np
@@ -184,10 +219,12 @@ def _errors():
 
 if __name__ == "__main__":
     meshes = [None, "data=8", "data=4,fsdp=2", "fsdp=8"]
-    parts = sys.argv[1:] or ["gpt", "resume", "frozen_mixed", "errors"]
+    parts = sys.argv[1:] or ["gpt", "resume", "frozen_mixed", "errors", "accumulation"]
     result = {}
     if "errors" in parts:
         result["errors"] = _errors()
+    if "accumulation" in parts:
+        result["accumulation"] = _accumulation_collectives()
     if "frozen_mixed" in parts:
         result["frozen_mixed"] = _frozen_mixed(meshes)
     if "gpt" in parts:

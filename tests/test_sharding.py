@@ -210,3 +210,10 @@ def test_a_run_saved_on_one_mesh_resumes_on_another(eight_devices):
     assert resumed["restored_params"]["blocks/0/mlp/fc/kernel"] == "(None, 'fsdp')"
     reference = eight_devices["gpt"]["None"]["losses"]
     np.testing.assert_allclose(resumed["losses"], reference, rtol=5e-5)  # as on one mesh
+
+
+def test_gradient_accumulation_keeps_each_devices_micro_batches_on_it(eight_devices):
+    # Micro-batches take every n-th example, so each device's come from its own shard: the
+    # compiled step all-gathers only the two FSDP weights, as without accumulation. (A contiguous
+    # split gathered the batch too: 4 all-gathers.)
+    assert eight_devices["accumulation"] == {"1": 2, "4": 2}
