@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import signal
 import time
@@ -35,7 +34,7 @@ from hybrid_jax.precision import DynamicLossScale, NoOpLossScale, Policy, Precis
 from hybrid_jax.train import Checkpointer, TrainState, evaluate, make_eval_step, make_train_step
 from hybrid_jax.train.guard import NonFiniteError, SkipGuard
 from hybrid_jax.train.sharding import (
-    batch_axes,
+    batch_parts,
     batch_sharding,
     make_mesh,
     parse_mesh,
@@ -218,7 +217,7 @@ def build(config: RunConfig) -> Run:
     """
     mesh = None if config.mesh is None else make_mesh(config.mesh)
     if mesh is not None:
-        parts = math.prod(mesh.shape[a] for a in batch_axes(mesh))
+        parts = batch_parts(mesh)
         if config.batch_size % parts:
             raise ValueError(
                 f"batch size {config.batch_size} cannot be split over mesh {config.mesh!r} "
@@ -469,7 +468,6 @@ def train(
                     f"{reason}, and there is no checkpoint from before step {start} to roll back "
                     f"to; {_nonfinite_leaves(run, state, t)}"
                 )
-            ckpt.wait()
             ckpt.discard_after(max(good))  # the abandoned path's checkpoints
             restored, _ = ckpt.restore(state, step=max(good))
             guard.rolled_back(max(good))
@@ -478,14 +476,17 @@ def train(
             return restored
 
         pending, t = None, first
-        while t < config.steps:
-            batch = run.sample_train(jax.random.fold_in(run.data_key, t))
-            state, metrics = run.step(state, batch)
+        while True:
+            if t < config.steps:
+                batch = run.sample_train(jax.random.fold_in(run.data_key, t))
+                state, metrics = run.step(state, batch)
             if pending is not None:  # the previous step's metrics, read after this dispatch
                 restored = check(*pending)
                 if restored is not None:
                     state, pending, t = restored, None, int(jax.device_get(restored.step))
                     continue
+            if t >= config.steps:
+                break
             pending = (metrics, t)
             if t == first + 1:  # compilation is left out of the throughput
                 jax.block_until_ready(state)
@@ -511,10 +512,6 @@ def train(
                 )
                 raise KeyboardInterrupt
             t += 1
-            if t == config.steps and pending is not None:
-                restored = check(*pending)
-                if restored is not None:
-                    state, pending, t = restored, None, int(jax.device_get(restored.step))
         jax.block_until_ready(state)
         tokens_per_s = timer.rate()
         if first >= config.steps:  # nothing left to train: evaluate what was restored

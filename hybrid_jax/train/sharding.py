@@ -133,6 +133,11 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     return tuple(a for a in AXES if a in mesh.axis_names)
 
 
+def batch_parts(mesh: Mesh) -> int:
+    """How many shards a batch is split into: the product of the batch axes' sizes."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """The leading (example) axis split over ``data`` and ``fsdp``, the rest whole."""
     return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
@@ -148,7 +153,7 @@ def check_batch(batch: Any, mesh: Mesh) -> None:
 
     The message names the leaf, the batch size, the mesh and two ways out.
     """
-    parts = math.prod(mesh.shape[a] for a in batch_axes(mesh))
+    parts = batch_parts(mesh)
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
         shape = np.shape(leaf)
         if not shape or shape[0] % parts:
