@@ -150,8 +150,8 @@ class Checkpointer:
 
         Each leaf comes back with the dtype and sharding of the matching leaf of ``like``: a
         ``jax.Array`` gives its own sharding, a ``jax.ShapeDtypeStruct`` the ``sharding`` it
-        carries; a leaf without one (a NumPy array, ``jax.eval_shape`` output) goes to the first
-        device. The layout the checkpoint was saved from does not matter. Pending saves of this
+        carries; a leaf without one (a NumPy array, ``jax.eval_shape`` output) goes to this
+        process's first device. The layout the checkpoint was saved from does not matter. Pending saves of this
         ``Checkpointer`` are waited for first.
 
         Args:
@@ -269,7 +269,7 @@ def _target(leaf: Any) -> Any:
         return leaf  # a Python number: orbax restores it as one
     sharding = getattr(leaf, "sharding", None)
     if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
 
