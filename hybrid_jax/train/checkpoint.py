@@ -151,8 +151,8 @@ class Checkpointer:
         Each leaf comes back with the dtype and sharding of the matching leaf of ``like``: a
         ``jax.Array`` gives its own sharding, a ``jax.ShapeDtypeStruct`` the ``sharding`` it
         carries; a leaf without one (a NumPy array, ``jax.eval_shape`` output) goes to this
-        process's first device. The layout the checkpoint was saved from does not matter. Pending saves of this
-        ``Checkpointer`` are waited for first.
+        process's first device. The layout the checkpoint was saved from does not matter.
+        Pending saves of this ``Checkpointer`` are waited for first.
 
         Args:
           like: a state (or ``jax.ShapeDtypeStruct`` s of one) with the structure to restore
