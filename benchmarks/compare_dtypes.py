@@ -11,7 +11,7 @@ Flags are ``hybrid-jax bench``'s: ``--recipes a,b,c``, ``--quick``, ``--steps``,
 
 import sys
 
-from hybrid_jax.cli import main
+from hybrid_jax.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from hybrid_jax.bench import QUICK
-from hybrid_jax.search import precision_search
+from hybrid_jax.app.bench import QUICK
+from hybrid_jax.app.search import precision_search
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from hybrid_jax.experiment import RunConfig, build, build_optimizer
+from hybrid_jax.app.config import RunConfig, build_optimizer
+from hybrid_jax.app.run import build
 from hybrid_jax.losses import cross_entropy, z_loss
 from hybrid_jax.precision import cast_to_compute
 

@@ -23,7 +23,7 @@ def _specs(tree):
 def _gpt_config(mesh):
     """The main job's GPT under fp16-mixed (fp32 masters, fp16 compute, a dynamic loss scale)
     and Muon + AdamW (three optimizer groups), tiny."""
-    from hybrid_jax.experiment import RunConfig
+    from hybrid_jax.app.config import RunConfig
 
     return RunConfig(
         precision="fp16-mixed",
@@ -50,7 +50,7 @@ def _train(run, state, steps):
 
 def _gpt(meshes):
     """20 steps of the GPT per mesh."""
-    from hybrid_jax.experiment import build
+    from hybrid_jax.app.run import build
 
     out = {}
     for mesh in meshes:
@@ -71,7 +71,8 @@ def _resume_elsewhere():
     import dataclasses
     import tempfile
 
-    from hybrid_jax.experiment import _restore, build
+    from hybrid_jax.app.loop import _restore
+    from hybrid_jax.app.run import build
     from hybrid_jax.train import Checkpointer
 
     with tempfile.TemporaryDirectory() as folder:
@@ -198,7 +199,8 @@ def _errors():
     """The messages a bad mesh or batch gets."""
     import numpy as np
 
-    from hybrid_jax.experiment import RunConfig, build
+    from hybrid_jax.app.config import RunConfig
+    from hybrid_jax.app.run import build
     from hybrid_jax.train.sharding import check_batch, make_mesh
 
     messages = {}

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybrid_jax.experiment import RunConfig, build, load_precision
+from hybrid_jax.app.config import RunConfig, load_precision
+from hybrid_jax.app.run import build
 from hybrid_jax.precision import plan
 from hybrid_jax.train.audit import (
     audit,

@@ -1,4 +1,4 @@
-"""hybrid-jax bench (hybrid_jax.bench): recipes, the comparison run, and its files."""
+"""hybrid-jax bench (hybrid_jax.app.bench): recipes, the comparison run, and its files."""
 
 import csv
 import json
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from hybrid_jax import bench, cli
+from hybrid_jax.app import bench, cli
 
 
 def test_recipe_names_are_checked_and_fp32_comes_first():
@@ -23,7 +23,7 @@ def test_recipe_names_are_checked_and_fp32_comes_first():
 
 
 def test_every_recipe_builds_a_valid_run_config():
-    from hybrid_jax.experiment import load_precision
+    from hybrid_jax.app.config import load_precision
 
     for recipe in bench.RECIPES.values():
         load_precision(recipe.precision)  # raises on a bad policy or rule list

@@ -340,7 +340,8 @@ def _expected_state_dtype(recipe, path):
 
 @pytest.mark.parametrize("recipe", ["fp32", "bf16-mixed", "fp16-mixed", "bf16-pure", "bf16-lean"])
 def test_every_optimizer_state_dtype_is_the_recipes_and_survives_a_round_trip(recipe, tmp_path):
-    from hybrid_jax.experiment import RunConfig, build
+    from hybrid_jax.app.config import RunConfig
+    from hybrid_jax.app.run import build
     from hybrid_jax.tree import leaves_with_paths
 
     state = build(RunConfig(precision=recipe, n_layer=1, n_head=2, n_embd=64, block_size=16)).state

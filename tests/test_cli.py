@@ -4,7 +4,7 @@ test_inspection.py)."""
 import subprocess
 import sys
 
-from hybrid_jax import cli
+from hybrid_jax.app import cli
 
 
 def test_no_command_prints_help_and_fails(capsys):
@@ -14,7 +14,7 @@ def test_no_command_prints_help_and_fails(capsys):
 
 def test_the_installed_console_script_runs():
     result = subprocess.run(
-        [sys.executable, "-c", "from hybrid_jax.cli import run; run()", "--help"],
+        [sys.executable, "-c", "from hybrid_jax.app.cli import run; run()", "--help"],
         capture_output=True,
         text=True,
         check=False,

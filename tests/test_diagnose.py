@@ -1,11 +1,12 @@
-"""Numerics diagnostics of a run (hybrid_jax.diagnose) and ``train --diagnose``."""
+"""Numerics diagnostics of a run (hybrid_jax.app.diagnose) and ``train --diagnose``."""
 
 import jax
 import pytest
 
-from hybrid_jax import cli
-from hybrid_jax.diagnose import diagnose
-from hybrid_jax.experiment import RunConfig, build
+from hybrid_jax.app import cli
+from hybrid_jax.app.config import RunConfig
+from hybrid_jax.app.diagnose import diagnose
+from hybrid_jax.app.run import build
 
 SMALL = dict(n_layer=1, n_head=2, n_embd=32, block_size=64, batch_size=12, optimizer="adamw")
 

@@ -13,7 +13,8 @@ import sys
 import jax
 import numpy as np
 
-from hybrid_jax.experiment import RunConfig, build
+from hybrid_jax.app.config import RunConfig
+from hybrid_jax.app.run import build
 
 TINY = dict(steps=12, n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=8)
 
@@ -28,7 +29,7 @@ def _two_processes(tmp_path, *extra: str) -> list[str]:
     """`hybrid-jax train` as processes 0 and 1 of one run; their outputs."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     command = [
-        sys.executable, "-m", "hybrid_jax.cli", "train", *flags, "--eval-interval=6",
+        sys.executable, "-m", "hybrid_jax.app.cli", "train", *flags, "--eval-interval=6",
         "--eval-batches=1", "--no-progress", "--mesh=data=2", f"--out={tmp_path}",
         f"--coordinator=127.0.0.1:{_free_port()}", "--num-processes=2", *extra,
     ]  # fmt: skip

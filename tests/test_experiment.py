@@ -13,8 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from hybrid_jax import cli
-from hybrid_jax.experiment import RunConfig, build, load_precision, train
+from hybrid_jax.app import cli
+from hybrid_jax.app.config import RunConfig, load_precision
+from hybrid_jax.app.loop import train
+from hybrid_jax.app.run import build
 from hybrid_jax.precision import Policy, PrecisionRules
 from hybrid_jax.train import Checkpointer
 
@@ -187,7 +189,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         [
             sys.executable,
             "-c",
-            "from hybrid_jax.cli import run; run()",
+            "from hybrid_jax.app.cli import run; run()",
             "train",
             *args,
             "--out",

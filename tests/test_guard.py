@@ -15,8 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hybrid_jax as hj
-from hybrid_jax import experiment
-from hybrid_jax.experiment import RunConfig, build
+from hybrid_jax.app import loop
+from hybrid_jax.app import run as run_lib
+from hybrid_jax.app.config import RunConfig
+from hybrid_jax.app.run import build
 from hybrid_jax.precision import all_finite
 from hybrid_jax.train import NonFiniteError, SkipGuard, evaluate, make_train_step
 
@@ -164,11 +166,11 @@ def test_fp16_run_with_50_injected_nonfinite_steps_ends_like_a_clean_run():
 
 
 # ----------------------------------------------------------------------------------------------
-# experiment.train: roll back once, then stop with an error
+# app.loop.train: roll back once, then stop with an error
 
 
 def _faulty_build(monkeypatch, bad_steps, transient):
-    """experiment.build, with a step that skips (as a non-finite step does) at `bad_steps`:
+    """app.run.build, with a step that skips (as a non-finite step does) at `bad_steps`:
     every time, or only the first time each is reached."""
     seen = set()
 
@@ -188,7 +190,7 @@ def _faulty_build(monkeypatch, bad_steps, transient):
 
         return dataclasses.replace(run, step=step)
 
-    monkeypatch.setattr(experiment, "build", build_with_faults)
+    monkeypatch.setattr(loop, "build", build_with_faults)
 
 
 # Checkpoints every 10 steps; faults from step 25 make ten skips in a row at step 34, by which
@@ -203,10 +205,10 @@ def _entries(out):
 
 
 def test_a_transient_fault_is_rolled_back_and_the_run_ends_as_a_clean_one(monkeypatch, tmp_path):
-    clean = experiment.train(_RUN, tmp_path / "clean", progress=False, log=lambda _: None)
+    clean = loop.train(_RUN, tmp_path / "clean", progress=False, log=lambda _: None)
     # Steps 25-35 are bad the first time only (35 is dispatched before 34's skip is read).
     _faulty_build(monkeypatch, bad_steps=set(range(25, 36)), transient=True)
-    summary = experiment.train(_RUN, tmp_path / "faulty", progress=False, log=lambda _: None)
+    summary = loop.train(_RUN, tmp_path / "faulty", progress=False, log=lambda _: None)
     rollbacks = [e for e in _entries(tmp_path / "faulty") if "rollback_to" in e]
     assert [e["rollback_to"] for e in rollbacks] == [20]
     assert rollbacks[0]["reason"] == "10 steps in a row were skipped (steps 25-34)"
@@ -219,7 +221,7 @@ def test_a_transient_fault_is_rolled_back_and_the_run_ends_as_a_clean_one(monkey
 def test_a_fault_that_comes_back_after_the_rollback_stops_the_run(monkeypatch, tmp_path):
     _faulty_build(monkeypatch, bad_steps=set(range(25, 40)), transient=False)
     with pytest.raises(NonFiniteError) as error:
-        experiment.train(_RUN, tmp_path, progress=False, log=lambda _: None)
+        loop.train(_RUN, tmp_path, progress=False, log=lambda _: None)
     message = str(error.value)
     assert message.startswith(
         "10 steps in a row were skipped (steps 25-34), again after rolling back to step 20 (it "
@@ -239,7 +241,7 @@ def test_fp16_without_master_weights_stops_with_an_error_instead_of_nan(tmp_path
         precision="p=f16,c=f16,o=f16", loss_scale="none", steps=20, max_skips=5, **_TINY
     )
     with pytest.raises(NonFiniteError) as error:
-        experiment.train(config, tmp_path, progress=False, log=lambda _: None)
+        loop.train(config, tmp_path, progress=False, log=lambda _: None)
     message = str(error.value)
     assert message.startswith(
         "5 steps in a row were skipped (steps 0-4), and there is no checkpoint from before step 0"
@@ -253,19 +255,16 @@ def test_persistent_nonfinite_gradients_stop_the_run_with_an_error_naming_the_le
     monkeypatch, tmp_path
 ):
     # RELIABILITY row 4: every step's gradients are NaN (a NaN in the loss reaches every leaf).
-    from hybrid_jax import diagnose
-
-    original = experiment.terms_of_logits
+    original = run_lib.lm_terms
 
     def nan_terms(logits, targets):
         terms = original(logits, targets)
         return {**terms, "lm": terms["lm"] + jnp.float32(np.nan) * jnp.mean(logits)}
 
-    monkeypatch.setattr(experiment, "terms_of_logits", nan_terms)
-    monkeypatch.setattr(diagnose, "terms_of_logits", nan_terms)  # the error recomputes them
+    monkeypatch.setattr(run_lib, "lm_terms", nan_terms)
     config = RunConfig(steps=10, max_skips=3, eval_batch_size=16, sample_chars=8, **_TINY)
     with pytest.raises(NonFiniteError) as error:
-        experiment.train(config, tmp_path, progress=False, log=lambda _: None)
+        loop.train(config, tmp_path, progress=False, log=lambda _: None)
     message = str(error.value)
     assert message.startswith(
         "3 steps in a row were skipped (steps 0-2), and there is no checkpoint from before step 0 "

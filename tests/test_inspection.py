@@ -1,11 +1,12 @@
-"""hybrid-jax inspect (hybrid_jax.inspection): the plan and memory of a recipe, before training."""
+"""hybrid-jax inspect (app.inspection): the plan and memory of a recipe, before training."""
 
 import jax
 import numpy as np
 
-from hybrid_jax import cli
-from hybrid_jax.experiment import RunConfig, build
-from hybrid_jax.inspection import inspect_run
+from hybrid_jax.app import cli
+from hybrid_jax.app.config import RunConfig
+from hybrid_jax.app.inspection import inspect_run
+from hybrid_jax.app.run import build
 
 TINY = dict(n_layer=1, n_head=2, n_embd=64, block_size=16, batch_size=4)
 

@@ -1,12 +1,14 @@
-"""hybrid-jax mix (hybrid_jax.mix_runs): soups and merges of saved runs."""
+"""hybrid-jax mix (hybrid_jax.app.mix_runs): soups and merges of saved runs."""
 
 import json
 
 import numpy as np
 import pytest
 
-from hybrid_jax import cli
-from hybrid_jax.experiment import RunConfig, build, train
+from hybrid_jax.app import cli
+from hybrid_jax.app.config import RunConfig
+from hybrid_jax.app.loop import train
+from hybrid_jax.app.run import build
 from hybrid_jax.train import Checkpointer
 
 TINY = dict(

@@ -1,11 +1,11 @@
-"""Automatic precision search (hybrid_jax.search)."""
+"""Automatic precision search (hybrid_jax.app.search)."""
 
 import json
 
 import pytest
 
-from hybrid_jax import search
-from hybrid_jax.bench import QUICK
+from hybrid_jax.app import search
+from hybrid_jax.app.bench import QUICK
 
 GROUPS = {"attention": "attn/", "mlp": "mlp/"}
 

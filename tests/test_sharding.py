@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec
 
-from hybrid_jax.experiment import RunConfig
+from hybrid_jax.app.config import RunConfig
 from hybrid_jax.train import TrainState
 from hybrid_jax.train.sharding import (
     check_batch,

@@ -2,7 +2,7 @@
 
 from hybrid_jax.losses.adaptive import DWA, DWAState, Uncertainty
 from hybrid_jax.losses.mixing import PCGrad, Sum, gram_matrix, term_gradients
-from hybrid_jax.losses.terms import cross_entropy, z_loss
+from hybrid_jax.losses.terms import cross_entropy, lm_terms, z_loss
 from hybrid_jax.losses.weighting import Weighted, Weighting
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "Weighting",
     "cross_entropy",
     "gram_matrix",
+    "lm_terms",
     "term_gradients",
     "z_loss",
 ]

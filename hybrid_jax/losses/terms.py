@@ -100,6 +100,26 @@ def z_loss(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     return _masked_mean(jnp.square(log_z), mask)
 
 
+def lm_terms(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+    """A language model's two terms: next-token cross-entropy ``lm`` and ``z_loss``, in fp32.
+
+    Weigh them with :class:`~hybrid_jax.losses.Weighted`, e.g. ``{"lm": 1.0, "z_loss": 1e-4}``.
+
+    Args:
+      logits: ``[..., vocab]`` in any floating dtype.
+      targets: integer class ids shaped like ``logits`` without its last axis.
+
+    Returns:
+      ``{"lm": cross_entropy(logits, targets), "z_loss": z_loss(logits)}``.
+
+    Examples:
+      >>> terms = lm_terms(jnp.zeros((2, 4)), jnp.array([0, 3]))
+      >>> {name: round(float(value), 4) for name, value in terms.items()}
+      {'lm': 1.3863, 'z_loss': 1.9218}
+    """
+    return {"lm": cross_entropy(logits, targets), "z_loss": z_loss(logits)}
+
+
 def _check_logits(logits: jax.Array) -> jax.Array:
     logits = jnp.asarray(logits)
     if not jnp.issubdtype(logits.dtype, jnp.floating) or logits.ndim < 1:

@@ -796,7 +796,7 @@ def audit_step(step: Any, args: Sequence[Any], expected: Mapping[str, Any]) -> T
     Compiling does not run the step, so donated arguments stay valid.
 
     Args:
-      step: a ``jax.jit``-ed function, e.g. ``hybrid_jax.experiment.build(config).step``.
+      step: a ``jax.jit``-ed function, e.g. ``hybrid_jax.app.run.build(config).step``.
       args: its positional arguments (``(state, batch)`` for a train step).
       expected: ``{layer path: compute dtype}``, e.g. :func:`expected_from_plan` of a plan.
 

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from hybrid_jax._table import Table
-from hybrid_jax.experiment import terms_of_logits
+from hybrid_jax.losses import lm_terms
 from hybrid_jax.precision import cast_to_compute
 from hybrid_jax.precision.diagnostics import numerics_report, update_stagnation
 from hybrid_jax.train import TrainState, merge_frozen, split_frozen
@@ -95,7 +95,7 @@ def diagnose(run: Any, state: TrainState, batch: Any) -> Diagnosis:
     format columns give the fractions of ``gradient x loss scale``.
 
     Args:
-      run: a :class:`~hybrid_jax.experiment.Run` (model, precision, loss, optimizer).
+      run: a :class:`~hybrid_jax.app.run.Run` (model, precision, loss, optimizer).
       state: the state to diagnose (e.g. after training).
       batch: ``(tokens, targets)``.
 
@@ -109,7 +109,7 @@ def diagnose(run: Any, state: TrainState, batch: Any) -> Diagnosis:
         params = cast_to_compute(merge_frozen(trainable, frozen), run.precision)
         seen: dict[str, jax.Array] = {}
         logits = _run_with_probes(run.graphdef, params, state.fp8_meta, tokens, probes, seen)
-        total = run.weighting(terms_of_logits(logits, targets), step=state.step)[0]
+        total = run.weighting(lm_terms(logits, targets), step=state.step)[0]
         # Scaled as the step scales it, so that the backward pass sees the same values.
         return state.loss_scale.scale(total), seen
 

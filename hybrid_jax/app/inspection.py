@@ -17,7 +17,8 @@ import numpy as np
 
 from hybrid_jax import tree as tree_lib
 from hybrid_jax._table import Table, format_bytes
-from hybrid_jax.experiment import RunConfig, build, load_precision, optimizer_groups
+from hybrid_jax.app.config import RunConfig, load_precision, optimizer_groups
+from hybrid_jax.app.run import build
 from hybrid_jax.precision import dtypes, plan
 from hybrid_jax.precision.rules import policies_with_paths
 from hybrid_jax.train import state_bytes

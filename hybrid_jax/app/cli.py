@@ -10,7 +10,7 @@ from typing import Any
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """The flags that decide a run's model, data, precision and optimizer (train, inspect)."""
-    from hybrid_jax.experiment import LOSS_SCALES, OPTIMIZERS, RunConfig
+    from hybrid_jax.app.config import LOSS_SCALES, OPTIMIZERS, RunConfig
     from hybrid_jax.models.matmuls import FP8_SCALINGS
 
     d = RunConfig()
@@ -57,7 +57,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _run_config(args: argparse.Namespace, **extra: Any):
-    from hybrid_jax.experiment import RunConfig
+    from hybrid_jax.app.config import RunConfig
 
     return RunConfig(
         precision=args.precision,
@@ -76,7 +76,7 @@ def _run_config(args: argparse.Namespace, **extra: Any):
 
 
 def _add_train(commands) -> None:
-    from hybrid_jax.experiment import RunConfig
+    from hybrid_jax.app.config import RunConfig
 
     d = RunConfig()
     p = commands.add_parser(
@@ -170,7 +170,7 @@ def _add_inspect(commands) -> None:
 
 
 def _add_bench(commands) -> None:
-    from hybrid_jax.bench import RECIPES
+    from hybrid_jax.app.bench import RECIPES
 
     listing = "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values())
     p = commands.add_parser(
@@ -198,7 +198,7 @@ def _add_bench(commands) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from hybrid_jax import bench
+    from hybrid_jax.app import bench
 
     _keep_freed_memory()
     try:
@@ -210,7 +210,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _add_mix(commands) -> None:
-    from hybrid_jax.mix_runs import MODES
+    from hybrid_jax.app.mix_runs import MODES
 
     p = commands.add_parser(
         "mix",
@@ -233,7 +233,7 @@ def _add_mix(commands) -> None:
 
 
 def _mix(args: argparse.Namespace) -> int:
-    from hybrid_jax.mix_runs import mix_runs
+    from hybrid_jax.app.mix_runs import mix_runs
 
     try:
         mix_runs(args.runs, args.mode, args.out, rules=args.rules, t=args.t)
@@ -274,7 +274,7 @@ def _keep_freed_memory() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hybrid_jax.experiment import train
+    from hybrid_jax.app.loop import train
     from hybrid_jax.train.guard import NonFiniteError
 
     _keep_freed_memory()
@@ -315,7 +315,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from hybrid_jax.inspection import inspect_run
+    from hybrid_jax.app.inspection import inspect_run
 
     try:
         print(inspect_run(_run_config(args), audit=args.audit))

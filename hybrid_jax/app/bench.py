@@ -1,7 +1,7 @@
 """``hybrid-jax bench``: the same model, data and seed under each precision recipe, side by side.
 
 Every recipe is a :class:`Recipe` (a precision, an optimizer recipe, a loss-scale setting) in
-:data:`RECIPES`. :func:`compare` builds a run per recipe with :func:`hybrid_jax.experiment.build`,
+:data:`RECIPES`. :func:`compare` builds a run per recipe with :func:`hybrid_jax.app.run.build`,
 compiles each step ahead of time (compile time and XLA's memory analysis come from that), then
 trains them **interleaved**: step ``t`` of every recipe, in an order that rotates with ``t``,
 before step ``t + 1`` of any, so that the machine's slow and fast moments spread over all
@@ -28,7 +28,8 @@ import jax
 import numpy as np
 
 from hybrid_jax._table import Table
-from hybrid_jax.experiment import RunConfig, build
+from hybrid_jax.app.config import RunConfig
+from hybrid_jax.app.run import build
 from hybrid_jax.train import evaluate, state_bytes
 
 
@@ -39,7 +40,7 @@ class Recipe:
     Attributes:
       name: the recipe's name (``--recipes``).
       precision: a preset, a policy string, or rules as inline JSON (see
-        :func:`hybrid_jax.experiment.load_precision`).
+        :func:`hybrid_jax.app.config.load_precision`).
       description: one line for tables and ``--help``.
       optimizer: the optimizer recipe (``adamw`` or ``muon_adamw``).
       loss_scale: ``auto`` (dynamic when a policy computes in fp16), ``dynamic`` or ``none``.

@@ -20,8 +20,8 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from hybrid_jax.bench import Recipe, compare
-from hybrid_jax.experiment import RunConfig
+from hybrid_jax.app.bench import Recipe, compare
+from hybrid_jax.app.config import RunConfig
 
 #: The GPT's layer groups: name -> path pattern.
 GPT_GROUPS = {
@@ -98,7 +98,7 @@ def precision_search(
 
     Args:
       base: the model, data, schedule and seed of every measuring run (e.g.
-        :data:`hybrid_jax.bench.QUICK`).
+        :data:`hybrid_jax.app.bench.QUICK`).
       budget_pct: the largest allowed validation-loss increase over fp32, in percent.
       groups: layer groups, name -> path pattern (first match wins, in this order).
       candidates: policies (presets or strings) a group may be lowered to.

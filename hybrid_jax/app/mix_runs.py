@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from hybrid_jax import mixing
 from hybrid_jax._table import Table
-from hybrid_jax.experiment import RunConfig, build
+from hybrid_jax.app.config import RunConfig
+from hybrid_jax.app.run import build
 from hybrid_jax.precision import cast_to_param
 from hybrid_jax.train import Checkpointer, evaluate
 

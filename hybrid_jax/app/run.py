@@ -1,0 +1,196 @@
+"""A run built and ready: the model, data, state and jitted functions of a configuration.
+
+``hybrid-jax train`` builds one with :func:`build` and trains it (:mod:`hybrid_jax.app.loop`);
+``bench``, ``inspect``, ``mix`` and the tests build runs too, without training them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from hybrid_jax import data as data_lib
+from hybrid_jax.app.config import RunConfig, build_optimizer, load_precision, uses_fp16
+from hybrid_jax.losses import Weighted, lm_terms
+from hybrid_jax.mixing import EMA
+from hybrid_jax.models import GPT, Fp8Meta, GPTConfig, quantize_matmuls
+from hybrid_jax.precision import DynamicLossScale, NoOpLossScale
+from hybrid_jax.train import TrainState, make_eval_step, make_train_step
+from hybrid_jax.train.sharding import (
+    batch_parts,
+    batch_sharding,
+    make_mesh,
+    replicated,
+    shard_state,
+)
+
+
+@dataclasses.dataclass
+class Run:
+    """What :func:`build` sets up: the model, data, state and jitted functions of a run."""
+
+    config: RunConfig
+    tokenizer: data_lib.CharTokenizer
+    graphdef: Any
+    state: TrainState
+    step: Callable
+    eval_step: Callable
+    sample_train: Callable
+    val_set: Any
+    data_key: jax.Array
+    loss_terms: Callable
+    precision: Any
+    weighting: Weighted
+    optimizer: optax.GradientTransformation
+    mesh: Mesh | None = None
+
+
+def build(config: RunConfig) -> Run:
+    """Builds everything a run needs, without running it.
+
+    With ``config.mesh`` (e.g. ``"data=4,fsdp=2"``) the state is sharded over a device mesh
+    (:mod:`hybrid_jax.train.sharding`), batches are sampled straight into their shards and the
+    step runs data-parallel and FSDP; across processes too, after
+    :func:`~hybrid_jax.train.sharding.initialize_distributed`.
+    """
+    mesh = None if config.mesh is None else make_mesh(config.mesh)
+    if mesh is not None:
+        parts = batch_parts(mesh)
+        if config.batch_size % parts:
+            raise ValueError(
+                f"batch size {config.batch_size} cannot be split over mesh {config.mesh!r} "
+                f"({parts} data x fsdp devices); use a batch size that is a multiple of "
+                f"{parts}, or a mesh with fewer data/fsdp devices"
+            )
+    dataset = data_lib.load_dataset(config.data, block_size=config.block_size)
+    tokenizer = dataset.tokenizer
+    # On the device once: batches are then sampled there, and the host never builds one. With a
+    # mesh, every device holds the (small) corpus and samples its own share of each batch.
+    to_device = jnp.asarray if mesh is None else lambda x: jax.device_put(x, replicated(mesh))
+    train_tokens, val_tokens = to_device(dataset.train), to_device(dataset.val)
+    model = GPT(
+        GPTConfig(
+            vocab_size=tokenizer.vocab_size,
+            block_size=config.block_size,
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            n_embd=config.n_embd,
+        ),
+        rngs=nnx.Rngs(config.seed),
+    )
+    precision = load_precision(config.precision)
+    # fp8/int8 compute reaches the matmuls; the cast plan leaves those weights to them.
+    cast_plan = quantize_matmuls(model, precision, fp8_scaling=config.fp8_scaling)
+    graphdef, params, no_fp8_meta = nnx.split(model, nnx.Param, Fp8Meta)
+
+    def loss_terms(compute_params, batch, rng, fp8_meta=no_fp8_meta):
+        del rng  # no dropout
+        logits = nnx.merge(graphdef, compute_params, fp8_meta)(batch[0])
+        return lm_terms(logits, batch[1])
+
+    weighting = Weighted({"lm": 1.0, "z_loss": config.z_loss_weight})
+    dynamic = config.loss_scale == "dynamic" or (
+        config.loss_scale == "auto" and uses_fp16(precision)
+    )
+    loss_scale = DynamicLossScale(2.0**15) if dynamic else NoOpLossScale()
+    tx = build_optimizer(config, precision)
+    # An fp32 average, whatever the params' dtype: a bf16 one would round its small steps away.
+    ema = EMA(config.ema_decay, warmup_steps=10, dtype=jnp.float32) if config.ema_decay else None
+    state = TrainState.create(
+        params,
+        tx,
+        loss_scale=loss_scale,
+        rng=config.seed,
+        precision=cast_plan,
+        weighting=weighting,
+        fp8_meta=no_fp8_meta,
+        ema=ema,
+    )
+    if mesh is not None:
+        state = shard_state(state, mesh)
+    batch_size, block_size = config.batch_size, config.block_size
+    sample = lambda key: data_lib.sample_batch(train_tokens, key, batch_size, block_size)
+    return Run(
+        config=config,
+        tokenizer=tokenizer,
+        graphdef=graphdef,
+        state=state,
+        step=make_train_step(
+            loss_terms,
+            optimizer=tx,
+            weighting=weighting,
+            precision=cast_plan,
+            loss_scale=loss_scale,
+            ema=ema,
+            mesh=mesh,
+        ),
+        eval_step=make_eval_step(loss_terms, precision=cast_plan),
+        sample_train=jax.jit(sample)
+        if mesh is None
+        else jax.jit(sample, out_shardings=batch_sharding(mesh)),
+        val_set=data_lib.eval_batches(
+            val_tokens, config.eval_batches, config.eval_batch_size, block_size, seed=config.seed
+        ),
+        data_key=jax.random.key_data(jax.random.key(config.seed + 1)),
+        loss_terms=loss_terms,
+        precision=cast_plan,
+        weighting=weighting,
+        optimizer=tx,
+        mesh=mesh,
+    )
+
+
+def generate(
+    run: Run,
+    params: Any,
+    n_chars: int,
+    *,
+    fp8_meta: Any = None,
+    seed: int = 0,
+    temperature: float = 0.8,
+    prompt: str | None = None,
+) -> str:
+    """Samples ``n_chars`` characters after ``prompt`` (one jitted loop on device).
+
+    The default prompt is a newline, as nanoGPT's ``sample.py``, or the first character of the
+    vocabulary when the text has no newline.
+    """
+    block = run.config.block_size
+    if prompt is None:
+        prompt = "\n" if "\n" in run.tokenizer.chars else run.tokenizer.chars[0]
+    ids = run.tokenizer.encode(prompt)[-block:]
+    model_state = (params,) if fp8_meta is None else (params, fp8_meta)
+
+    @jax.jit
+    def sample(model_state, key):
+        model = nnx.merge(run.graphdef, *model_state)
+        buf = jnp.zeros((block,), jnp.int32).at[: len(ids)].set(jnp.asarray(ids, jnp.int32))
+
+        def body(i, carry):
+            buf, out, key = carry
+            pos = jnp.minimum(len(ids) - 1 + i, block - 1)  # causal: later slots are ignored
+            logits = model(buf[None])[0, pos] / temperature
+            key, sub = jax.random.split(key)
+            token = jax.random.categorical(sub, logits).astype(jnp.int32)
+            full = len(ids) + i >= block
+            buf = jnp.where(
+                full,
+                jnp.roll(buf, -1).at[-1].set(token),
+                buf.at[jnp.minimum(pos + 1, block - 1)].set(token),
+            )
+            return buf, out.at[i].set(token), key
+
+        out = jnp.zeros((n_chars,), jnp.int32)
+        _, out, _ = jax.lax.fori_loop(0, n_chars, body, (buf, out, key))
+        return out
+
+    tokens = sample(model_state, jax.random.key(seed))
+    return run.tokenizer.decode(np.asarray(tokens))
