@@ -36,7 +36,7 @@ def test_rows_name_the_dtypes_and_groups():
     rows = {row[0]: row for row in found.table.rows}
     assert rows["blocks/0/mlp/fc/kernel"][2:5] == ("f32", "e4m3", "muon")
     assert rows["blocks/0/attn/qkv/kernel"][2:5] == ("f32", "bf16", "muon")
-    assert rows["tok_embed/embedding"][4] == "adamw"
+    assert rows["tok_embed/embedding"][4] == "adam (no decay)"
     assert rows["ln_f/scale"][4] == "adam (no decay)"
     text = str(found)
     assert "bytes each" in text and "temporaries" in text

@@ -104,16 +104,16 @@ def test_three_groups_sgd_adam_frozen_match_their_references():
 
 
 def test_muon_adamw_assigns_muon_to_exactly_the_hidden_matrices(gpt_tree):
-    names = {f"{EMBEDDING}|{HEAD}": "adamw", GAIN_OR_BIAS: "adam", HIDDEN_MATRIX: "muon"}
+    names = {f"{EMBEDDING}|{HEAD}|{GAIN_OR_BIAS}": "adam", HIDDEN_MATRIX: "muon"}
     labels = group_labels(muon_adamw_rules(), gpt_tree)
     got = {
         path: names[label]
         for path, label in zip(_paths(gpt_tree), jax.tree_util.tree_leaves(labels), strict=True)
     }
     expected = {
-        "tok_embed/embedding": "adamw",
-        "pos_embed/embedding": "adamw",
-        "lm_head/kernel": "adamw",
+        "tok_embed/embedding": "adam",
+        "pos_embed/embedding": "adam",
+        "lm_head/kernel": "adam",
         "ln_f/scale": "adam",
         "ln_f/bias": "adam",
     }
@@ -124,9 +124,26 @@ def test_muon_adamw_assigns_muon_to_exactly_the_hidden_matrices(gpt_tree):
             expected[f"blocks/{i}/{layer}/kernel"] = "muon"
             expected[f"blocks/{i}/{layer}/bias"] = "adam"
     assert got == expected
-    # Muon's leaves are 2-D, but not every 2-D leaf is Muon's: embeddings and head are AdamW's.
+    # Muon's leaves are 2-D, but not every 2-D leaf is Muon's: embeddings and head are Adam's.
     assert all(gpt_tree_leaf.ndim == 2 for gpt_tree_leaf in _leaves_of(gpt_tree, got, "muon"))
-    assert any(leaf.ndim == 2 for leaf in _leaves_of(gpt_tree, got, "adamw"))
+    assert any(leaf.ndim == 2 for leaf in _leaves_of(gpt_tree, got, "adam"))
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied_head", "untied_head"])
+def test_muon_adamw_decays_only_the_hidden_matrices(gpt_tree, tie):
+    # Ones-valued parameters and zero gradients: every update is weight decay alone.
+    params = jax.tree_util.tree_map(jnp.ones_like, gpt_tree)
+    if tie:
+        del params["lm_head"]
+    lr, weight_decay = 1e-3, 0.1
+    tx = muon_adamw(lr, weight_decay=weight_decay)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    for path, update in hj.tree.leaves_with_paths(updates)[0]:
+        if path.startswith("blocks/") and path.endswith("/kernel"):
+            np.testing.assert_allclose(update, -lr * weight_decay, rtol=1e-6, err_msg=path)
+        else:  # embeddings (the tied head among them), the untied head, gains and biases
+            np.testing.assert_array_equal(update, 0.0, err_msg=path)
 
 
 def _paths(tree):

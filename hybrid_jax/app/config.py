@@ -155,7 +155,7 @@ def optimizer_groups(config: RunConfig, params: Any) -> Any:
             lambda p: "adamw" if p.ndim >= 2 else "adamw (no decay)", params
         )
     rules = muon_adamw_rules()
-    # muon_adamw_rules' order: embeddings and head, gains and biases, hidden matrices.
+    # muon_adamw_rules' order: embeddings, head, gains and biases; hidden matrices.
     patterns = [pattern for pattern, _ in rules]
-    names = dict(zip(patterns, ("adamw", "adam (no decay)", "muon"), strict=True))
+    names = dict(zip(patterns, ("adam (no decay)", "muon"), strict=True))
     return jax.tree_util.tree_map(names.get, group_labels(rules, params))

@@ -33,39 +33,51 @@ def muon_adamw_rules(
 ) -> list[tuple[str, optax.GradientTransformation]]:
     """The rules of :func:`muon_adamw`, to read, edit and pass to :func:`by_path`.
 
-    In order: embeddings and the output head (one rule) get AdamW; norm gains and biases get
-    Adam without weight decay; the hidden 2-D weight matrices of the transformer blocks get Muon.
-    A leaf that none of them matches is an error, so a new kind of parameter is never optimized
-    by accident.
+    In order: embeddings, the output head, norm gains and biases (one rule) get Adam without
+    weight decay; the hidden 2-D weight matrices of the transformer blocks get Muon, with
+    decoupled weight decay. Only the hidden matrices decay: decay on an embedding pulls the
+    vectors of rare tokens, which get few gradients, towards zero, and a tied head is the token
+    embedding. An untied head is treated like the tied one, so that tying the embeddings does
+    not change how the output projection is regularized (as in modded-nanogpt, the Muon
+    speedrun, where the embeddings, the head and the scalars get Adam without decay).
+    A leaf that none of the rules matches is an error, so a new kind of parameter is never
+    optimized by accident.
     The patterns are :data:`EMBEDDING`, :data:`HEAD`, :data:`GAIN_OR_BIAS` and
     :data:`HIDDEN_MATRIX`; which leaf is which is decided by path, not by ``ndim`` (an embedding
     is 2-D too).
 
     Args:
-      learning_rate: AdamW's learning rate (a number or an Optax schedule).
+      learning_rate: Adam's learning rate (a number or an Optax schedule).
       muon_learning_rate: Muon's; by default ``learning_rate``, which fits because
         ``consistent_rms`` matches Muon's update RMS to AdamW's (Liu et al. 2025).
-      weight_decay: decoupled weight decay of the AdamW and Muon groups.
-      b1, b2: AdamW's moment decays.
+      weight_decay: decoupled weight decay of the hidden matrices (the Muon group).
+      b1, b2: Adam's moment decays.
       muon_beta: Muon's momentum.
       consistent_rms: Muon's update RMS target (``None``: Keller Jordan's width scaling).
       mu_dtype: dtype of the first moments (e.g. ``jnp.bfloat16``); see also
         :func:`~hybrid_jax.optim.with_state_dtype` for every moment.
 
     Returns:
-      ``[(pattern, transformation), ...]``.
+      ``[(pattern, transformation), ...]``: two rules, Adam's first.
+
+    Examples:
+      >>> [pattern == HIDDEN_MATRIX for pattern, _ in muon_adamw_rules()]
+      [False, True]
 
     References:
       Jordan et al., 2024, `Muon: An optimizer for hidden layers in neural networks
-      <https://kellerjordan.github.io/posts/muon/>`_; Liu et al., 2025, `Muon is Scalable for LLM
-      Training <https://arxiv.org/abs/2502.16982>`_.
+      <https://kellerjordan.github.io/posts/muon/>`_; Jordan et al., 2024, `modded-nanogpt
+      <https://github.com/KellerJordan/modded-nanogpt>`_; Liu et al., 2025, `Muon is Scalable
+      for LLM Training <https://arxiv.org/abs/2502.16982>`_.
     """
     muon_lr = learning_rate if muon_learning_rate is None else muon_learning_rate
-    adamw = optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay, mu_dtype=mu_dtype)
     return [
-        # One rule for both, so that a model with a tied head (no lm_head) leaves none unused.
-        (f"{EMBEDDING}|{HEAD}", adamw),
-        (GAIN_OR_BIAS, optax.adam(learning_rate, b1=b1, b2=b2, mu_dtype=mu_dtype)),
+        # One rule for all of them, so that a model with a tied head (no lm_head) leaves none
+        # unused.
+        (
+            f"{EMBEDDING}|{HEAD}|{GAIN_OR_BIAS}",
+            optax.adam(learning_rate, b1=b1, b2=b2, mu_dtype=mu_dtype),
+        ),
         (
             HIDDEN_MATRIX,
             optax.contrib.muon(
@@ -80,7 +92,7 @@ def muon_adamw_rules(
 
 
 def muon_adamw(learning_rate: Schedule = 1e-3, **kwargs) -> optax.GradientTransformationExtraArgs:
-    """Muon on hidden matrices, AdamW on embeddings and head, Adam on gains and biases.
+    """Muon with weight decay on the hidden matrices; Adam without decay on every other leaf.
 
     ``by_path(muon_adamw_rules(learning_rate, **kwargs))``; see :func:`muon_adamw_rules` for the
     rules and arguments.
@@ -89,7 +101,17 @@ def muon_adamw(learning_rate: Schedule = 1e-3, **kwargs) -> optax.GradientTransf
       >>> params = {"tok_embed": {"embedding": jnp.ones((8, 4))},
       ...           "blocks": [{"mlp": {"fc": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}}],
       ...           "lm_head": {"kernel": jnp.ones((4, 8))}}
-      >>> state = muon_adamw(1e-3).init(params)
+      >>> tx = muon_adamw(1e-3, weight_decay=0.1)
+      >>> zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+      >>> updates, _ = tx.update(zeros, tx.init(params), params)  # weight decay alone
+      >>> bool(updates["tok_embed"]["embedding"].any()), bool(updates["lm_head"]["kernel"].any())
+      (False, False)
+      >>> round(float(updates["blocks"][0]["mlp"]["fc"]["kernel"][0, 0]), 6)
+      -0.0001
+
+    References:
+      Jordan et al., 2024, `Muon: An optimizer for hidden layers in neural networks
+      <https://kellerjordan.github.io/posts/muon/>`_.
     """
     return by_path(muon_adamw_rules(learning_rate, **kwargs))
 
