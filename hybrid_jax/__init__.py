@@ -1,6 +1,6 @@
 """hybrid_jax: mixed- and low-precision training with hybrid optimizers in JAX."""
 
-from hybrid_jax import losses, mixing, optim, precision, train, tree
+from hybrid_jax import diagnostics, losses, mixing, optim, precision, train, tree
 from hybrid_jax.precision import (
     DynamicLossScale,
     NoOpLossScale,
@@ -30,6 +30,7 @@ __all__ = [
     "cast_to_compute",
     "cast_to_output",
     "cast_to_param",
+    "diagnostics",
     "losses",
     "make_train_step",
     "mixing",

@@ -7,14 +7,14 @@ import pytest
 
 from hybrid_jax.app.config import RunConfig, load_precision
 from hybrid_jax.app.run import build
-from hybrid_jax.precision import plan
-from hybrid_jax.train.audit import (
+from hybrid_jax.diagnostics import (
     audit,
     audit_step,
     expected_from_plan,
     hlo_dots,
     layer_of,
 )
+from hybrid_jax.precision import plan
 
 _FP8_MLP = '{"rules": [["mlp/", "fp8-mixed"]], "default": "bf16-mixed"}'
 _LAYERS = ("blocks/0/attn/qkv", "blocks/0/attn/proj", "blocks/0/mlp/fc", "blocks/0/mlp/proj")
@@ -22,7 +22,7 @@ _LAYERS += ("tok_embed",)
 BF16, E4M3, E5M2 = np.dtype(jnp.bfloat16), np.dtype(jnp.float8_e4m3fn), np.dtype(jnp.float8_e5m2)
 
 
-def _step(precision: str):
+def _step(precision: str, optimizer: str):
     """The tiny GPT's compiled train step and the plan its precision string gives."""
     config = RunConfig(
         n_layer=1,
@@ -30,7 +30,7 @@ def _step(precision: str):
         n_embd=16,
         block_size=16,
         batch_size=4,
-        optimizer="adamw",
+        optimizer=optimizer,
         precision=precision,
     )
     run = build(config)
@@ -41,12 +41,13 @@ def _step(precision: str):
 
 @pytest.fixture(scope="module")
 def bf16_step():
-    return _step("bf16-mixed")
+    # Muon's Newton-Schulz products are in this step too: the audit must tell them from layers.
+    return _step("bf16-mixed", "muon_adamw")
 
 
 @pytest.fixture(scope="module")
 def fp8_step():
-    return _step(_FP8_MLP)
+    return _step(_FP8_MLP, "adamw")
 
 
 def _rows(table):
@@ -117,6 +118,30 @@ def test_a_layer_that_does_not_run_as_planned_is_flagged(bf16_step, fp8_step):
         "blocks/0/mlp/fc",
         "blocks/0/mlp/proj",
     ]
+
+
+def test_muon_dots_belong_to_the_optimizer(bf16_step):
+    compiled, step_plan, _, _ = bf16_step
+    rows = _rows(audit(compiled, expected_from_plan(step_plan)))
+    # JAX names Newton-Schulz products only by its own scopes (vmap()/closed_call), or not at
+    # all once XLA fuses them; what they read, Muon's momentum, says whose they are.
+    assert "closed_call" not in {r["layer"] for r in rows}
+    optimizer = [r for r in rows if r["layer"] == "optimizer (muon)"]
+    # Five iterations of three products for each of the four kernels Muon updates.
+    assert len(optimizer) == 5 * 3 * 4
+    assert {(r["pass"], r["expected"], r["mismatch"]) for r in optimizer} == {("update", "", False)}
+    assert rows[-len(optimizer) :] == optimizer  # after the model's forward and backward dots
+
+
+def test_a_dot_that_reads_the_optimizer_state_is_the_optimizers():
+    def step(params, opt_state):
+        with jax.named_scope("fc"):
+            loss = jnp.sum(params["fc"] @ params["fc"])
+        return loss, opt_state["mu"] @ opt_state["mu"].T
+
+    args = {"fc": jnp.ones((4, 4))}, {"mu": jnp.ones((4, 8))}
+    dots = hlo_dots(jax.jit(step).lower(*args).compile(), layers={"fc"})
+    assert sorted((d.layer, d.pass_) for d in dots) == [("fc", "forward"), ("optimizer", "update")]
 
 
 def test_an_uncast_kernel_is_an_f32_dot():
@@ -208,6 +233,13 @@ def test_layer_of_reads_the_innermost_layer_scope():
     known = {"blocks/0/attn/qkv"}
     assert layer_of("jit(f)/jvp(model/blocks/0/attn/qkv)/dot_general", known) == known.pop()
     assert layer_of("dot_general") is None and layer_of("jit(f)/jvp(a(b)/dot") is None
+
+
+def test_layer_of_skips_the_scopes_jax_opens():
+    assert layer_of("jit(step_fn)/vmap()/closed_call/dot_general") is None
+    op = "jit(f)/transpose(jvp())/while/body/closed_call/blocks/0/fc/dot_general"
+    assert layer_of(op) == "blocks/0/fc"
+    assert layer_of("jit(f)/cond/branch_1_fun/checkpoint/head/dot_general") == "head"
 
 
 def test_bad_input_is_explained():

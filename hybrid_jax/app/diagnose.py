@@ -4,10 +4,10 @@
 the gradients (at the run's loss scale), the activations that enter each matmul and the update
 the optimizer would apply: max ``|x|``, the fractions that would underflow or overflow in fp16,
 e4m3 and e5m2, the dynamic range, the lowest precision each tolerates
-(:func:`~hybrid_jax.precision.diagnostics.numerics_report`), and how many updates the
-parameter's storage dtype would round away
-(:func:`~hybrid_jax.precision.diagnostics.update_stagnation`). ``hybrid-jax train --diagnose``
-prints it for the final state and writes it to ``<out>/diagnostics.txt``.
+(:func:`~hybrid_jax.diagnostics.numerics_report`), and how many updates the parameter's storage
+dtype would round away (:func:`~hybrid_jax.diagnostics.update_stagnation`).
+``hybrid-jax train --diagnose`` prints it for the final state and writes it to
+``<out>/diagnostics.txt``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import numpy as np
 from flax import nnx
 
 from hybrid_jax._table import Table
+from hybrid_jax.diagnostics import numerics_report, update_stagnation
 from hybrid_jax.losses import lm_terms
 from hybrid_jax.precision import cast_to_compute
-from hybrid_jax.precision.diagnostics import numerics_report, update_stagnation
 from hybrid_jax.train import TrainState, merge_frozen, split_frozen
 
 

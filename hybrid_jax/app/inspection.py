@@ -19,11 +19,11 @@ from hybrid_jax import tree as tree_lib
 from hybrid_jax._table import Table, format_bytes
 from hybrid_jax.app.config import RunConfig, load_precision, optimizer_groups
 from hybrid_jax.app.run import build
+from hybrid_jax.diagnostics import audit as audit_dots
+from hybrid_jax.diagnostics import expected_from_plan
 from hybrid_jax.precision import dtypes, plan
 from hybrid_jax.precision.rules import policies_with_paths
 from hybrid_jax.train import state_bytes
-from hybrid_jax.train.audit import audit as audit_dots
-from hybrid_jax.train.audit import expected_from_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Inspection:
         ``output_bytes``, ``alias_bytes`` (outputs written into donated inputs) and
         ``temp_bytes`` (activations and scratch).
       audit: with ``audit=True``, the dots of the compiled step and their dtypes against the
-        plan (:func:`~hybrid_jax.train.audit.audit`).
+        plan (:func:`~hybrid_jax.diagnostics.audit`).
     """
 
     table: Table

@@ -1,173 +1,30 @@
-"""Range diagnostics: which values a narrower format flushes to zero or overflows, and which
-updates a parameter's dtype rounds away.
+"""Range diagnostics of concrete arrays: which values each narrower format flushes to zero or
+overflows, and the narrowest format whose range a tensor tolerates.
 
 Everything here runs on the host, in NumPy, on concrete arrays (jax or NumPy arrays, any pytree
 including Flax NNX ``State``): it is a tool to look at a tree of gradients, activations or
 weights between steps, not something to call inside ``jit``. Magnitudes are compared in float64,
-which holds every fp32, bf16, fp16 and fp8 value exactly.
-
-Both rules follow from the round-to-nearest-even cast, for a magnitude ``y = |x| * scale``:
-
-- **underflow**: ``x != 0`` (and finite) and ``y <= min_subnormal / 2``. Exactly half the
-  smallest subnormal is a tie between 0 (even) and the smallest subnormal (odd), so it rounds to
-  0; anything above rounds to at least the smallest subnormal.
-- **overflow**: ``y`` lies beyond the midpoint ``max + ulp(max) / 2`` between the largest finite
-  value and the next step above it, or on it where the tie goes up. In the IEEE-like formats
-  (fp32, bf16, fp16, e5m2) the largest finite value has an odd significand, so the tie rounds up
-  and ``y >= max + ulp(max)/2`` casts to inf (65520 for fp16, 61440 for e5m2). e4m3fn has no inf:
-  its largest value 448 has an even significand, so the tie 464 rounds to 448 and only ``y > 464``
-  overflows (a plain cast gives NaN; a saturating cast, as :func:`~.quantize.quantize` does,
-  clips to 448 with an error above half an ulp). Values between ``max`` and the midpoint round
-  to ``max`` and are not counted.
-
-Non-finite inputs (NaN, ±inf) are counted apart (``nonfinite``) and in neither rule: no format
-makes them worse. The rules assume IEEE gradual underflow; hardware or compilers that flush
-subnormals to zero (XLA on CPU does so for fp32 arithmetic) flush a little more.
+which holds every fp32, bf16, fp16 and fp8 value exactly; the rounding rules are those of
+:mod:`~hybrid_jax.diagnostics.formats`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from hybrid_jax import tree as tree_lib
 from hybrid_jax._table import Table
+from hybrid_jax.diagnostics._common import Shown, dtype_label, floating_leaves, host_array
+from hybrid_jax.diagnostics.formats import FORMATS, SCALED_FORMATS, format_limits
 from hybrid_jax.precision import dtypes
 
-#: The formats :func:`leaf_numerics` measures, by short name.
-FORMATS = ("f32", "bf16", "f16", "e4m3", "e5m2")
-#: The fp8 formats, also measured under per-tensor amax scaling.
-SCALED_FORMATS = ("e4m3", "e5m2")
 #: :func:`suggest_precision`'s candidates, the first one tried first: fp8 before 16 bits before
 #: fp32 and, at equal width, the more precise format first (e4m3 before e5m2, fp16 before bf16),
 #: since a range criterion alone would always prefer the wider range.
 CANDIDATES = ("e4m3", "e5m2", "f16", "bf16", "f32")
-
-
-class FormatLimits(NamedTuple):
-    """The range of a floating-point format, and the thresholds of its round-to-nearest cast.
-
-    Attributes:
-      name: the short name (``"f16"``).
-      max: the largest finite value.
-      min_normal: the smallest positive normal value.
-      min_subnormal: the smallest positive (subnormal) value.
-    """
-
-    name: str
-    max: float
-    min_normal: float
-    min_subnormal: float
-
-    @property
-    def ulp_max(self) -> float:
-        """The spacing of the values just below :attr:`max`."""
-        mantissa, exponent = math.frexp(self.max)
-        del mantissa
-        return 2.0 ** (exponent - 1 - jnp.finfo(dtypes.parse_dtype(self.name)).nmant)
-
-    @property
-    def underflow_at(self) -> float:
-        """Half the smallest subnormal: nonzero magnitudes ``<=`` this round to 0."""
-        return self.min_subnormal / 2
-
-    @property
-    def overflow_at(self) -> float:
-        """The midpoint between :attr:`max` and the next step above it (inf in float64 for f64)."""
-        return self.max + self.ulp_max / 2
-
-    @property
-    def tie_overflows(self) -> bool:
-        """Whether :attr:`overflow_at` itself overflows: ties go to the even neighbour, which is
-        the step above when :attr:`max`'s significand is odd (IEEE formats), ``max`` otherwise."""
-        return int(self.max / self.ulp_max) % 2 == 1
-
-    def underflows(self, magnitude: np.ndarray) -> np.ndarray:
-        """Whether a round-to-nearest cast flushes each nonnegative ``magnitude`` to 0.
-
-        True for 0 itself; callers mask out zeros to count only nonzero values flushed.
-        """
-        return magnitude <= self.underflow_at
-
-    def overflows(self, magnitude: np.ndarray) -> np.ndarray:
-        """Whether a round-to-nearest cast of each nonnegative ``magnitude`` leaves the finite
-        range (inf, or NaN for e4m3fn); ``magnitude`` should be float64."""
-        if self.tie_overflows:
-            return magnitude >= self.overflow_at
-        return magnitude > self.overflow_at
-
-
-def format_limits(dtype: Any) -> FormatLimits:
-    """The largest finite, smallest normal and smallest subnormal value of a float format.
-
-    Args:
-      dtype: a floating dtype or its name: ``"f32"``, ``"bf16"``, ``"f16"``, ``"e4m3"``
-        (float8_e4m3fn), ``"e5m2"``, ``"f64"``.
-
-    Returns:
-      A :class:`FormatLimits`, whose ``underflow_at`` and ``overflow_at`` give the cast's
-      thresholds.
-
-    Raises:
-      ValueError: an unknown name, or int8 (which has no floating range).
-
-    Examples:
-      >>> format_limits("e4m3")
-      FormatLimits(name='e4m3', max=448.0, min_normal=0.015625, min_subnormal=0.001953125)
-      >>> lim = format_limits("f16")
-      >>> lim.max, lim.min_subnormal == 2.0**-24, lim.overflow_at
-      (65504.0, True, 65520.0)
-    """
-    dtype = dtypes.parse_dtype(dtype)
-    if dtype == dtypes.INT8:
-        raise ValueError(
-            "int8 is fixed point, not a floating format; format_limits takes f64, "
-            "f32, bf16, f16, e4m3 or e5m2"
-        )
-    info = jnp.finfo(dtype)
-    return FormatLimits(
-        dtypes.short_name(dtype),
-        float(info.max),
-        float(info.smallest_normal),
-        float(info.smallest_subnormal),
-    )
-
-
-def limits_table(formats: Sequence[Any] = FORMATS) -> Table:
-    """A table of :func:`format_limits` for several formats, with the cast's thresholds.
-
-    ``underflows`` and ``overflows`` give the magnitudes (after any scale) that a
-    round-to-nearest cast flushes to zero or takes out of the finite range.
-
-    Examples:
-      >>> print(limits_table(["f16", "e4m3", "e5m2"]))
-      format  max    min_normal  min_subnormal  underflows     overflows
-      ------  -----  ----------  -------------  -------------  ---------
-      f16     65504  6.1035e-05  5.9605e-08     <= 2.9802e-08  >= 65520
-      e4m3    448    0.015625    0.0019531      <= 0.00097656  > 464
-      e5m2    57344  6.1035e-05  1.5259e-05     <= 7.6294e-06  >= 61440
-    """
-    rows = []
-    for name in formats:
-        lim = format_limits(name)
-        over = ">=" if lim.tie_overflows else ">"
-        rows.append(
-            (
-                lim.name,
-                _Shown(lim.max, 5),
-                _Shown(lim.min_normal, 5),
-                _Shown(lim.min_subnormal, 5),
-                f"<= {_Shown(lim.underflow_at, 5)}",
-                f"{over} {_Shown(lim.overflow_at, 5)}",
-            )
-        )
-    columns = ("format", "max", "min_normal", "min_subnormal", "underflows", "overflows")
-    return Table(columns, tuple(rows))
 
 
 def leaf_numerics(x: Any, *, scale: float = 1.0) -> dict[str, float]:
@@ -202,7 +59,7 @@ def leaf_numerics(x: Any, *, scale: float = 1.0) -> dict[str, float]:
       >>> leaf_numerics(jnp.array([0.0, 1e-9, 1.0, 1e5]), scale=2.0**15)["f16_under"]
       0.0
     """
-    counts = _counts(_host_array(x, "leaf_numerics"), _check_scale(scale))
+    counts = _counts(host_array(x, "leaf_numerics"), _check_scale(scale))
     return _fractions(counts)
 
 
@@ -256,12 +113,12 @@ def numerics_report(
     columns.append("suggest")
 
     rows, total = [], None
-    for path, leaf in _floating_leaves(tree, "numerics_report"):
+    for path, leaf in floating_leaves(tree, "numerics_report"):
         counts = _counts(leaf, scale)
         total = counts if total is None else _merge(total, counts)
         stats = _fractions(counts)
         suggestion = suggest_precision(stats, tolerance)
-        rows.append(_row(columns, stats, (path, _dtype_name(leaf.dtype)), suggestion))
+        rows.append(_row(columns, stats, (path, dtype_label(leaf.dtype)), suggestion))
     footer = () if total is None else (_row(columns, _fractions(total), ("total", ""), ""),)
     return Table(tuple(columns), tuple(rows), footer)
 
@@ -334,99 +191,6 @@ def suggest_precision(
     return names[-1]
 
 
-def stagnation_fractions(params: Any, updates: Any) -> dict[str, float]:
-    """Per leaf, the fraction of nonzero updates that ``p + u`` in ``p``'s dtype rounds away.
-
-    Args:
-      params: a pytree of concrete parameter arrays.
-      updates: a pytree of updates with the same paths (leaves without an update, such as
-        ``None`` or ``optax.MaskedNode()``, are left out).
-
-    Returns:
-      ``{path: fraction}`` over floating leaves; NaN where a leaf has no nonzero finite update.
-      See :func:`update_stagnation` for the rule.
-
-    Examples:
-      >>> p = {"w": jnp.ones(4, jnp.bfloat16)}
-      >>> stagnation_fractions(p, {"w": jnp.array([1e-3, 1e-3, 1e-2, 0.0])})
-      {'w': 0.6666666666666666}
-    """
-    return {s.path: s.fraction for s in _stagnation(params, updates)}
-
-
-def update_stagnation(params: Any, updates: Any) -> Table:
-    """A table of the updates each parameter's storage dtype rounds away.
-
-    An update ``u != 0`` stagnates when ``(p + u).astype(p.dtype) == p``, computed as
-    ``optax.apply_updates`` does under standard promotion: the sum in fp32 (fp64 if ``p`` or
-    ``u`` is fp64), rounded to nearest in ``p``'s dtype. Roughly, updates below half an ulp of
-    ``p``: a bf16 weight of 1.0 (ulp 2^-7) ignores an update of 1e-3. Non-finite updates and
-    parameters are left out, as are zero updates (frozen or masked entries).
-
-    Columns: ``path``, the ``param`` and ``update`` dtypes, ``size``, ``nonzero`` (nonzero finite
-    updates), ``stagnant`` (the fraction of those rounded away; NaN when there are none) and
-    ``mean |u|/ulp`` (over the same updates, with ``ulp(p)`` the spacing of ``p``'s dtype above
-    ``|p|``). A footer totals the tree.
-
-    Args:
-      params: a pytree of concrete parameter arrays.
-      updates: a pytree of updates with the same paths.
-
-    Returns:
-      A :class:`~hybrid_jax._table.Table`; :func:`stagnation_fractions` gives the raw fractions.
-
-    Raises:
-      ValueError: an update whose path is not a parameter's, or whose shape differs from it.
-      TypeError: a leaf that is not concrete, or an update that is not floating.
-
-    Examples:
-      >>> params = {"bf16": jnp.ones(3, jnp.bfloat16), "f32": jnp.ones(3)}
-      >>> updates = {"bf16": jnp.full(3, 1e-3), "f32": jnp.full(3, 1e-3)}
-      >>> print(update_stagnation(params, updates))
-      path   param  update  size  nonzero  stagnant  mean |u|/ulp
-      -----  -----  ------  ----  -------  --------  ------------
-      bf16   bf16   f32     3     3        1         0.128
-      f32    f32    f32     3     3        0         8.39e+03
-      -----  -----  ------  ----  -------  --------  ------------
-      total                 6     6        0.5       4.19e+03
-    """
-    rows, total_size, total_nonzero, total_stagnant, total_ratio = [], 0, 0, 0, 0.0
-    for s in _stagnation(params, updates):
-        rows.append(
-            (s.path, s.param, s.update, s.size, s.nonzero, _Shown(s.fraction), _Shown(s.mean_ratio))
-        )
-        total_size += s.size
-        total_nonzero += s.nonzero
-        total_stagnant += s.stagnant
-        total_ratio += s.ratio_sum
-    columns = ("path", "param", "update", "size", "nonzero", "stagnant", "mean |u|/ulp")
-    footer = (
-        "total",
-        "",
-        "",
-        total_size,
-        total_nonzero,
-        _Shown(_ratio(total_stagnant, total_nonzero)),
-        _Shown(_ratio(total_ratio, total_nonzero)),
-    )
-    return Table(columns, tuple(rows), (footer,) if rows else ())
-
-
-# ------------------------------------------------------------------------------------------------
-
-
-class _Shown(float):
-    """A float that ``str()`` prints with a few significant digits (tables); ``repr`` is exact."""
-
-    def __new__(cls, value: float, digits: int = 3) -> _Shown:
-        self = super().__new__(cls, value)
-        self.digits = digits
-        return self
-
-    def __str__(self) -> str:
-        return f"{float(self):.{self.digits}g}"
-
-
 _STAT_COLUMNS = ("max_abs", "min_abs_nonzero", "range_log2", "zeros", "nonfinite")
 
 
@@ -456,37 +220,6 @@ def _format_names(formats: Sequence[Any]) -> list[str]:
             raise ValueError(f"no range statistics for {name!r}; formats: {', '.join(FORMATS)}")
         names.append(name)
     return names
-
-
-def _dtype_name(dtype: Any) -> str:
-    dtype = np.dtype(dtype)
-    try:
-        return dtypes.short_name(dtype)
-    except KeyError:
-        return dtype.name
-
-
-def _host_array(x: Any, what: str, path: str | None = None) -> np.ndarray:
-    where = "" if path is None else f" (leaf {path!r})"
-    if isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct)):
-        raise TypeError(
-            f"{what} reads values, so it needs concrete arrays, got {type(x).__name__}{where}; "
-            "call it outside jit, on the arrays a step returns"
-        )
-    arr = np.asarray(x)
-    if not jnp.issubdtype(arr.dtype, jnp.floating):
-        raise TypeError(f"{what} takes floating arrays, got dtype {arr.dtype}{where}")
-    return arr
-
-
-def _floating_leaves(tree: Any, what: str) -> list[tuple[str, np.ndarray]]:
-    out = []
-    for path, leaf in tree_lib.leaves_with_paths(tree)[0]:
-        dtype = getattr(leaf, "dtype", None)
-        if tree_lib.is_leaf(leaf) or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-            continue
-        out.append((path, _host_array(leaf, what, path)))
-    return out
 
 
 def _amax_scaled(arr: np.ndarray, name: str) -> np.ndarray:
@@ -554,79 +287,5 @@ def _fractions(counts: dict[str, float]) -> dict[str, float]:
 
 def _row(columns: list[str], stats: dict[str, float], head: tuple, suggestion: str) -> tuple:
     cells = [*head, stats["size"]]
-    cells += [_Shown(stats[c]) for c in columns[3:-1]]
+    cells += [Shown(stats[c]) for c in columns[3:-1]]
     return (*cells, suggestion)
-
-
-class _LeafStagnation(NamedTuple):
-    path: str
-    param: str
-    update: str
-    size: int
-    nonzero: int
-    stagnant: int
-    ratio_sum: float
-
-    @property
-    def fraction(self) -> float:
-        return _ratio(self.stagnant, self.nonzero)
-
-    @property
-    def mean_ratio(self) -> float:
-        return _ratio(self.ratio_sum, self.nonzero)
-
-
-def _ratio(a: float, b: int) -> float:
-    return a / b if b else math.nan
-
-
-def _ulp(p: np.ndarray) -> np.ndarray:
-    """The spacing of ``p``'s dtype just above ``|p|``, in float64 (subnormals included)."""
-    info = jnp.finfo(p.dtype)
-    magnitude = np.abs(p.astype(np.float64))
-    _, exponent = np.frexp(magnitude)  # magnitude = m * 2**exponent, 0.5 <= m < 1
-    binade = np.where(magnitude > 0, np.maximum(exponent - 1, info.minexp), info.minexp)
-    return np.ldexp(1.0, binade - info.nmant)
-
-
-def _stagnation(params: Any, updates: Any) -> list[_LeafStagnation]:
-    by_path = dict(tree_lib.leaves_with_paths(updates)[0])
-    param_leaves = dict(tree_lib.leaves_with_paths(params)[0])
-    stray = [path for path in by_path if path not in param_leaves]
-    if stray:
-        raise ValueError(
-            f"updates have leaves no parameter has: {stray[:10]}; params and updates must be "
-            "trees of the same structure"
-        )
-    out = []
-    for path, p in _floating_leaves(params, "update_stagnation"):
-        if path not in by_path:
-            continue
-        u = _host_array(by_path[path], "update_stagnation", path)
-        if u.shape != p.shape:
-            raise ValueError(
-                f"leaf {path!r}: the update's shape {u.shape} differs from the parameter's "
-                f"{p.shape}"
-            )
-        # apply_updates promotes p + u (bf16 + fp32 -> fp32) and rounds the sum to p's dtype.
-        # Adding in fp32 first and rounding again matches it; for bf16 and fp16 operands the two
-        # roundings equal one (24 >= 2 * 11 + 2 significand bits), so it is also p + u in p's dtype.
-        wide = dtypes.FLOAT64 if dtypes.FLOAT64 in (p.dtype, u.dtype) else dtypes.FLOAT32
-        with np.errstate(over="ignore", invalid="ignore"):
-            new = (p.astype(wide) + u.astype(wide)).astype(p.dtype)
-        u64, p64 = u.astype(np.float64), p.astype(np.float64)
-        counted = (u64 != 0) & np.isfinite(u64) & np.isfinite(p64)
-        stagnant = counted & (new.astype(np.float64) == p64)
-        ratio = np.abs(u64[counted]) / _ulp(p[counted])
-        out.append(
-            _LeafStagnation(
-                path,
-                _dtype_name(p.dtype),
-                _dtype_name(u.dtype),
-                int(p.size),
-                int(np.count_nonzero(counted)),
-                int(np.count_nonzero(stagnant)),
-                float(ratio.sum()),
-            )
-        )
-    return out

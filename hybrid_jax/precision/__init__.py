@@ -1,10 +1,5 @@
 """Per-parameter precision: dtypes, Policy, PrecisionRules, casts, loss scaling, quantization."""
 
-from hybrid_jax.precision.diagnostics import (
-    numerics_report,
-    suggest_precision,
-    update_stagnation,
-)
 from hybrid_jax.precision.dtypes import ACCEPTED_NAMES, parse_dtype
 from hybrid_jax.precision.loss_scale import (
     DynamicLossScale,
@@ -61,13 +56,10 @@ __all__ = [
     "fp8_dot_general_delayed",
     "fp8_meta",
     "int8_dot_general",
-    "numerics_report",
     "parse_dtype",
     "plan",
     "quantize",
     "quantize_dequantize",
     "select_tree",
     "stochastic_round",
-    "suggest_precision",
-    "update_stagnation",
 ]

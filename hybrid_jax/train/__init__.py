@@ -1,6 +1,5 @@
 """Training: the train state, the jitted train step, evaluation, sharding, checkpoints."""
 
-from hybrid_jax.train.audit import audit, audit_step, expected_from_plan, hlo_dots
 from hybrid_jax.train.checkpoint import Checkpointer
 from hybrid_jax.train.guard import NonFiniteError, SkipGuard
 from hybrid_jax.train.sharding import (
@@ -18,12 +17,8 @@ __all__ = [
     "NonFiniteError",
     "SkipGuard",
     "TrainState",
-    "audit",
-    "audit_step",
     "batch_sharding",
     "evaluate",
-    "expected_from_plan",
-    "hlo_dots",
     "initialize_distributed",
     "make_eval_step",
     "make_mesh",
