@@ -10,6 +10,8 @@ import pytest
 import hybrid_jax as hj
 from hybrid_jax.optim import with_precision
 from hybrid_jax.optim.moments import BlockQuantized
+from hybrid_jax.optim.precision_aware import check_applied
+from hybrid_jax.precision import plan
 from hybrid_jax.train import state_bytes
 
 pytestmark = pytest.mark.standard_promotion  # every test steps Optax's Adam
@@ -96,3 +98,14 @@ def test_the_lean_recipe_keeps_about_four_bytes_per_parameter():
     assert 4.0 < memory["bytes_per_param"] <= 4.1
     fp32 = state_bytes(hj.TrainState.create(params, optax.adam(1e-3)))
     assert 12.0 <= fp32["bytes_per_param"] < 12.01
+
+
+def test_check_applied_wants_with_precision_only_where_a_policy_sets_optimizer_keys():
+    params, plain = _params(), optax.sgd(1.0)
+    check_applied(plain, plan(params, "bf16-mixed"))  # no optimizer keys: any optimizer
+    check_applied(plain, plan(params, "p=f32,update=nearest"))  # what every optimizer does
+    with pytest.raises(ValueError, match=r"for 2 parameters: 'gain' \(.*grad=bf16\), 'hidden'"):
+        check_applied(plain, plan(params, RULES))
+    # The mark survives Optax's re-wrapping, which returns a GradientTransformationExtraArgs as is.
+    tx = optax.with_extra_args_support(with_precision(plain, RULES))
+    check_applied(tx, plan(params, RULES))

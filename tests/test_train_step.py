@@ -1,7 +1,4 @@
-"""The jitted train step: order of operations, skipping, loss scaling, accumulation, mixing.
-
-RELIABILITY rows 1, 2, 15 and 16 at the level of the whole step.
-"""
+"""The jitted train step: order of operations, skipping, loss scaling, accumulation, mixing."""
 
 import chex
 import jax
@@ -12,7 +9,7 @@ import pytest
 
 import hybrid_jax as hj
 from hybrid_jax.losses import PCGrad, Uncertainty, Weighted
-from hybrid_jax.optim import by_path
+from hybrid_jax.optim import by_path, with_precision
 from hybrid_jax.train import TrainState, make_train_step
 
 
@@ -119,7 +116,7 @@ _SKIP_STEP = make_train_step(
 
 
 def test_fp16_forward_overflow_is_skipped_and_the_scale_backs_off():
-    # RELIABILITY row 1: a layer whose fp16 output passes 65504: h = tanh(~10) = 1, and
+    # A layer whose fp16 output passes 65504: h = tanh(~10) = 1, and
     # out = sum of 8 * 1e4 = 8e4, inf in fp16, while every weight itself fits in fp16.
     big = _params()
     big = {
@@ -272,3 +269,30 @@ def test_the_ema_follows_the_applied_updates_and_skips_with_them():
     chex.assert_trees_all_equal(state.ema_params, before)
     with pytest.raises(ValueError, match="ema=ema"):
         step(TrainState.create(_params(), tx), _batch(0))
+
+
+def test_a_policys_optimizer_keys_need_with_precision():
+    # update=kahan lives in the optimizer state (a compensation buffer) that TrainState.create
+    # builds from the optimizer: a plain one would round every +1e-3 away in bf16, silently.
+    def terms(params, batch, rng):
+        del batch, rng
+        return {"pull": -1e-3 * jnp.sum(params["w"].astype(jnp.float32))}  # gradient -1e-3
+
+    params, plain = {"w": jnp.ones(4)}, optax.sgd(1.0)
+    step = make_train_step(terms, optimizer=plain, precision="bf16-pure-kahan")
+    state = TrainState.create(params, plain, precision="bf16-pure-kahan")
+    with pytest.raises(
+        ValueError, match=r"'w' \(.*update=kahan\).*hybrid_jax\.optim\.with_precision"
+    ):
+        step(state, None)
+    tx = with_precision(plain, "bf16-pure-kahan")
+    step = make_train_step(terms, optimizer=tx, precision="bf16-pure-kahan")
+    state = TrainState.create(params, tx, precision="bf16-pure-kahan")
+    for _ in range(100):
+        state, _ = step(state, None)
+    assert state.params["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(state.params["w"], np.full(4, 1.1015625, jnp.bfloat16))
+    # A policy without optimizer keys takes any optimizer.
+    step = make_train_step(terms, optimizer=plain, precision="bf16-pure")
+    state, _ = step(TrainState.create(params, plain, precision="bf16-pure"), None)
+    np.testing.assert_array_equal(state.params["w"], np.ones(4, jnp.bfloat16))

@@ -1,13 +1,14 @@
 """Multi-loss training: LM loss terms, weightings (fixed, scheduled, adaptive), gradient mixing."""
 
 from hybrid_jax.losses.adaptive import DWA, DWAState, Uncertainty
-from hybrid_jax.losses.mixing import PCGrad, Sum, gram_matrix, term_gradients
+from hybrid_jax.losses.mixing import Mixer, PCGrad, Sum, gram_matrix, term_gradients
 from hybrid_jax.losses.terms import cross_entropy, lm_terms, z_loss
 from hybrid_jax.losses.weighting import Weighted, Weighting
 
 __all__ = [
     "DWA",
     "DWAState",
+    "Mixer",
     "PCGrad",
     "Sum",
     "Uncertainty",

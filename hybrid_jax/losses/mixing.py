@@ -10,7 +10,7 @@ run on stacked gradients: a train step whose mixer has ``per_term = False`` take
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +91,23 @@ def term_gradients(
     ]
     (grads,) = jax.vmap(vjp_fn)(jax.tree_util.tree_unflatten(treedef, cotangents))
     return terms, grads
+
+
+class Mixer(Protocol):
+    """What a train step needs of a gradient mixer (:class:`Sum`, :class:`PCGrad`).
+
+    Attributes:
+      per_term: whether the mixer needs per-term gradients. ``False`` promises that mixing is
+        the plain sum, so the step takes one ``jax.grad`` of the weighted total and never calls
+        the mixer; ``True`` makes the step stack the terms' gradients (:func:`term_gradients`)
+        and call the mixer on them.
+    """
+
+    per_term: bool
+
+    def __call__(self, stacked_grads: Any, key: jax.Array | None = None) -> Any:
+        """One gradient tree from ``[n_terms, ...]`` leaves; ``key`` for random choices."""
+        ...
 
 
 class Sum:

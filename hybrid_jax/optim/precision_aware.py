@@ -6,6 +6,8 @@ storage of the moments, int8 meaning 8-bit block-wise), ``master`` (an fp32 mast
 bf16 parameter) and ``update`` (stochastic or Kahan rounding into a bf16 parameter). So one rule
 list, e.g. ``[("embed", "p=f32,c=bf16"), (".*", "p=bf16,mu=bf16,nu=int8,update=sr")]``,
 says everything about each parameter's precision, and this wrapper applies its optimizer half.
+The train step refuses a plan with optimizer keys unless its optimizer comes from this wrapper
+(:func:`check_applied`), so that no key is silently ignored.
 """
 
 from __future__ import annotations
@@ -57,6 +59,51 @@ def _cast_grads(grad_dtypes: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+class PrecisionAware(optax.GradientTransformationExtraArgs):
+    """What :func:`with_precision` returns: an ``optax.GradientTransformationExtraArgs`` whose
+    type tells :func:`check_applied` that the policies' optimizer keys are applied."""
+
+    __slots__ = ()
+
+
+def _sets_optimizer_keys(policy: Policy) -> bool:
+    """Whether ``policy`` asks :func:`with_precision` for anything (``update=nearest`` is what
+    every optimizer does by itself)."""
+    dtypes_set = (policy.master_dtype, policy.grad_dtype, policy.mu_dtype, policy.nu_dtype)
+    return any(d is not None for d in dtypes_set) or policy.update not in (None, "nearest")
+
+
+def check_applied(optimizer: optax.GradientTransformation, policies: Any) -> None:
+    """Raises unless ``optimizer`` applies the optimizer keys of a precision plan.
+
+    A policy's optimizer keys (``master``, ``grad``, ``mu``, ``nu``, ``update``) change the
+    optimizer's state (an fp32 master copy, Kahan compensation, 8-bit moments), which
+    ``TrainState.create`` builds from the optimizer it is given. So they are applied by wrapping
+    that optimizer once, with :func:`with_precision`, never behind its back; a plain optimizer
+    would ignore them.
+
+    Args:
+      optimizer: the transformation the train step updates with.
+      policies: a plan (a tree of ``Policy``, as :func:`~hybrid_jax.precision.plan` returns).
+
+    Raises:
+      ValueError: some policies set optimizer keys and ``optimizer`` was not returned by
+        :func:`with_precision` (the message lists the parameters and their policies).
+    """
+    keyed = [(path, p) for path, p in policies_with_paths(policies) if _sets_optimizer_keys(p)]
+    if not keyed or isinstance(optimizer, PrecisionAware):
+        return
+    listed = ", ".join(f"{path!r} ({policy})" for path, policy in keyed[:5])
+    more = f" and {len(keyed) - 5} more" if len(keyed) > 5 else ""
+    raise ValueError(
+        f"the precision plan sets optimizer keys (master, grad, mu, nu, update) for "
+        f"{len(keyed)} parameters: {listed}{more}; a plain optimizer would ignore them. Wrap it "
+        "as tx = hybrid_jax.optim.with_precision(optimizer, precision), outermost, and pass "
+        "that tx to both TrainState.create and make_train_step; or use a policy without "
+        "optimizer keys"
+    )
+
+
 def with_precision(
     inner: optax.GradientTransformation,
     precision: Precision,
@@ -88,7 +135,8 @@ def with_precision(
       block_size, min_size: for 8-bit moments.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.
+      A :class:`PrecisionAware` ``optax.GradientTransformationExtraArgs``; its ``update`` needs
+      ``params``.
 
     Examples:
       >>> tx = with_precision(optax.adam(1e-3), "p=bf16,c=bf16,o=bf16,nu=bf16,update=kahan")
@@ -133,4 +181,4 @@ def with_precision(
             )
         return build(params).update(updates, state, params, **extra_args)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return PrecisionAware(init_fn, update_fn)

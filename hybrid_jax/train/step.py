@@ -1,13 +1,15 @@
 """``make_train_step``: one jitted ``(state, batch) -> (state, metrics)`` doing all of it.
 
-Order inside the step (DESIGN.md): cast the master params to compute precision -> loss terms ->
-weighted total x loss scale -> gradients -> unscale -> finite check -> gradient mixing ->
-optimizer update in master precision -> keep the old state (and shrink the scale) where the
-gradients were not finite.
+Order inside the step: cast the master params to compute precision -> loss terms -> weighted
+total x loss scale -> gradients -> unscale -> finite check -> gradient mixing -> optimizer
+update in master precision -> keep the old state (and shrink the scale) where the gradients were
+not finite.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,10 +19,11 @@ import optax
 from jax.sharding import Mesh
 
 from hybrid_jax import tree as tree_lib
-from hybrid_jax.losses import Sum, Weighting
+from hybrid_jax.losses import Mixer, Sum, Weighting
 from hybrid_jax.losses.mixing import term_gradients
 from hybrid_jax.losses.weighting import weighted_sum
 from hybrid_jax.mixing import EMA
+from hybrid_jax.optim.precision_aware import check_applied
 from hybrid_jax.precision import (
     LossScale,
     all_finite,
@@ -34,6 +37,10 @@ from hybrid_jax.train.state import TrainState, merge_frozen, split_frozen
 
 LossTermsFn = Callable[[Any, Any, jax.Array], Mapping[str, jax.Array]]
 Metrics = dict[str, jax.Array]
+# (trainable, batch, key, fp8_meta) -> {name: scalar}: the loss terms at compute precision.
+_TermsFn = Callable[[Any, Any, jax.Array, Any], Mapping[str, jax.Array]]
+# (weight_params, terms) -> (scaled total, (terms, total, metrics)).
+_ObjectiveFn = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, Any]]
 
 
 class _UnitWeights(Weighting):
@@ -93,6 +100,131 @@ def _split_micro(batch: Any, n: int) -> Any:
     return jax.tree_util.tree_map(split, batch)
 
 
+def _total_grads(
+    terms_fn: _TermsFn,
+    objective: _ObjectiveFn,
+    loss_scale: LossScale,
+    trainable: Any,
+    weight_params: Any,
+    batch: Any,
+    key: jax.Array,
+    fp8_meta: Any,
+) -> tuple[Any, Any, Any]:
+    """One ``jax.grad`` of the scaled total: ``((model grads, weight grads), aux, fp8_meta)``,
+    the amax histories after the batch being their own "gradient"."""
+    del loss_scale  # already in the objective
+
+    def scaled_total(trainable, weight_params, fp8_meta):
+        return objective(weight_params, terms_fn(trainable, batch, key, fp8_meta))
+
+    grad_fn = jax.grad(scaled_total, argnums=(0, 1, 2), has_aux=True)
+    (*grads, fp8_meta), aux = grad_fn(trainable, weight_params, fp8_meta)
+    return tuple(grads), aux, fp8_meta
+
+
+def _per_term_grads(
+    terms_fn: _TermsFn,
+    objective: _ObjectiveFn,
+    loss_scale: LossScale,
+    trainable: Any,
+    weight_params: Any,
+    batch: Any,
+    key: jax.Array,
+    fp8_meta: Any,
+) -> tuple[Any, Any, Any]:
+    """As :func:`_total_grads`, with the model's gradients one per term, stacked (weighted and
+    scaled, for a mixer); ``fp8_meta`` passes through unchanged."""
+
+    def weights(terms):
+        _, (_, _, metrics) = objective(weight_params, terms)
+        return jax.lax.stop_gradient(loss_scale.scale({n: metrics[f"weight/{n}"] for n in terms}))
+
+    terms, stacked = term_gradients(
+        lambda p, b, k: terms_fn(p, b, k, fp8_meta), trainable, batch, key, weights=weights
+    )
+    # The weighting's own parameters see the terms as constants.
+    weight_grads, aux = jax.grad(objective, has_aux=True)(
+        weight_params, jax.lax.stop_gradient(terms)
+    )
+    return (stacked, weight_grads), aux, fp8_meta
+
+
+def _accumulated_grads(
+    grad_fn: Callable[[Any, jax.Array, Any], tuple[Any, Any, Any]],
+    batch: Any,
+    key: jax.Array,
+    fp8_meta: Any,
+    n: int,
+) -> tuple[Any, Any, Any]:
+    """``grad_fn(batch, key, fp8_meta)`` averaged over ``n`` micro-batches (gradients and aux
+    summed in fp32 by ``lax.scan``, micro-batch ``i`` with key ``fold_in(key, i)``); the amax
+    histories run through the micro-batches in turn."""
+    if n == 1:
+        return grad_fn(batch, key, fp8_meta)
+    micro = _split_micro(batch, n)
+
+    def body(carry, xs):
+        summed, fp8_meta = carry
+        i, micro_batch = xs
+        grads, aux, fp8_meta = grad_fn(micro_batch, jax.random.fold_in(key, i), fp8_meta)
+        add = lambda a, g: a + g.astype(jnp.float32)
+        return (jax.tree_util.tree_map(add, summed, (grads, aux)), fp8_meta), None
+
+    shapes = jax.eval_shape(grad_fn, jax.tree_util.tree_map(lambda x: x[0], micro), key, fp8_meta)
+    shapes = shapes[:2]
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+    (summed, fp8_meta), _ = jax.lax.scan(body, (zeros, fp8_meta), (jnp.arange(n), micro))
+    grads, aux = jax.tree_util.tree_map(lambda s, like: (s / n).astype(like.dtype), summed, shapes)
+    return grads, aux, fp8_meta
+
+
+def _apply(
+    optimizer: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any
+) -> tuple[Any, Any]:
+    """One optimizer update: ``(new params, new opt_state)``."""
+    # Optax's own code (Adam's bias correction, schedules) mixes int32 and float, which strict
+    # promotion refuses; the rest of the step stays under the caller's setting.
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+
+def _updated(
+    state: TrainState,
+    optimizer: optax.GradientTransformation,
+    weighting: Weighting,
+    ema: EMA | None,
+    grads: tuple[Any, Any],
+    terms: Mapping[str, jax.Array],
+    fp8_meta: Any,
+) -> TrainState:
+    """The candidate next state, from the unscaled (model, weighting) gradients: parameters,
+    optimizer states, weighting state, amax histories and EMA updated as if the step were not
+    skipped (``step`` and ``loss_scale`` are left to the caller)."""
+    model_grads, weight_grads = grads
+    trainable, frozen = split_frozen(state.params)
+    params, opt_state = _apply(optimizer, model_grads, state.opt_state, trainable)
+    params = merge_frozen(params, frozen)
+    weight_params, weight_opt_state = state.weight_params, state.weight_opt_state
+    if weighting.optimizer is not None:
+        weight_params, weight_opt_state = _apply(
+            weighting.optimizer, weight_grads, weight_opt_state, weight_params
+        )
+    ema_params = (
+        state.ema_params if ema is None else ema.update(state.ema_params, params, state.step)
+    )
+    return dataclasses.replace(
+        state,
+        params=params,
+        opt_state=opt_state,
+        weight_params=weight_params,
+        weight_opt_state=weight_opt_state,
+        weight_state=weighting.update(terms, state.weight_state, state.step),
+        fp8_meta=fp8_meta,
+        ema_params=ema_params,
+    )
+
+
 def make_train_step(
     loss_terms_fn: LossTermsFn,
     *,
@@ -100,7 +232,7 @@ def make_train_step(
     weighting: Weighting | None = None,
     precision: Precision = "fp32",
     loss_scale: LossScale | None = None,
-    mixer: Any = None,
+    mixer: Mixer | None = None,
     grad_accum: int = 1,
     ema: EMA | None = None,
     donate: bool = True,
@@ -115,15 +247,18 @@ def make_train_step(
         as a fourth argument, ``(compute_params, batch, rng, fp8_meta)``; their "gradient" is
         their new value, which replaces them (skipped steps keep the old ones).
       optimizer: any ``optax.GradientTransformation``, e.g. ``hybrid_jax.optim.by_path(...)``;
-        it updates the master parameters in their param dtype.
+        it updates the master parameters in their param dtype. Where the precision plan sets
+        optimizer keys (``master``, ``grad``, ``mu``, ``nu``, ``update``), it must be the one
+        :func:`~hybrid_jax.optim.with_precision` returns (the same one ``TrainState.create``
+        got), which applies them.
       weighting: a :class:`~hybrid_jax.losses.Weighting` (``Weighted``, ``Uncertainty``,
         ``DWA``); default: every term with weight 1.
       precision: a ``Policy``, policy string, ``PrecisionRules`` or plan.
       loss_scale: the kind of loss scale the state must hold (checked at trace time); the
         current scale itself lives in ``state.loss_scale``.
-      mixer: how per-term gradients combine. Default (``None`` or ``Sum()``): one gradient of
-        the weighted total, nothing extra computed. ``PCGrad()``: per-term gradients from one
-        forward and one batched VJP, then projected.
+      mixer: how per-term gradients combine (a :class:`~hybrid_jax.losses.Mixer`). Default
+        (``None`` or ``Sum()``): one gradient of the weighted total, nothing extra computed.
+        ``PCGrad()``: per-term gradients from one forward and one batched VJP, then projected.
       grad_accum: micro-batches per step; the batch's leading axis is split into this many
         (micro-batch ``i`` takes every ``grad_accum``-th example from the ``i``-th), and
         gradients are averaged (accumulated in fp32 with ``lax.scan``).
@@ -150,6 +285,13 @@ def make_train_step(
       :func:`~hybrid_jax.train.sharding.shard_state` and a batch whose size the batch axes do
       not divide is a ``ValueError``.
 
+    Raises:
+      ValueError: ``grad_accum`` is not a positive int; or, when the step is traced, the
+        plan sets optimizer keys that ``optimizer`` does not apply, the state lacks the EMA
+        parameters ``ema`` needs, or a per-term ``mixer`` meets delayed-scaling fp8 histories.
+      TypeError: when the step is traced, a parameter is not stored in its policy's param
+        dtype, or the state holds another kind of loss scale than ``loss_scale``.
+
     Examples:
       >>> def loss_terms(params, batch, rng):
       ...     return {"mse": jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)}
@@ -165,150 +307,76 @@ def make_train_step(
         raise ValueError(f"grad_accum must be a positive int, got {grad_accum!r}")
     weighting = weighting if weighting is not None else _UnitWeights()
     mixer = mixer if mixer is not None else Sum()
-    per_term = getattr(mixer, "per_term", True)
 
-    def step_fn(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+    def _check_state(state: TrainState) -> Any:
+        """Trace-time checks of the state against the step; returns the precision plan."""
         _check_loss_scale(loss_scale, state.loss_scale)
         policies = plan(state.params, precision)
         _check_param_dtypes(state.params, policies)
-        scale = state.loss_scale
-        key = jax.random.fold_in(state.rng, state.step)
-        # Gradients, optimizer and update see only the trainable leaves; the rest is constant.
-        trainable, frozen = split_frozen(state.params)
-        has_fp8_meta = bool(jax.tree_util.tree_leaves(state.fp8_meta))
-        if has_fp8_meta and per_term:
+        check_applied(optimizer, policies)
+        if mixer.per_term and jax.tree_util.tree_leaves(state.fp8_meta):
             raise ValueError(
                 f"{mixer!r} takes per-term gradients, which would each carry a new fp8 amax "
                 "history; use current fp8 scaling (no fp8_meta) with gradient mixing"
             )
+        if ema is not None and state.ema_params is None:
+            raise ValueError(
+                "make_train_step(ema=...) needs a state with EMA parameters: "
+                "TrainState.create(..., ema=ema)"
+            )
+        return policies
 
-        def terms_fn(trainable, micro_batch, micro_key, fp8_meta):
-            extra = (fp8_meta,) if has_fp8_meta else ()
+    def step_fn(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        policies = _check_state(state)
+        key = jax.random.fold_in(state.rng, state.step)
+        scale = state.loss_scale
+        # Gradients, optimizer and update see only the trainable leaves; the rest is constant.
+        trainable, frozen = split_frozen(state.params)
+
+        def terms_fn(trainable, batch, key, fp8_meta):
             compute = cast_to_compute(merge_frozen(trainable, frozen), policies)
             if mesh is not None:
                 # FSDP: each layer's weights are gathered whole, in the compute dtype, for the
                 # forward and backward; their gradients reduce-scatter back to the shards.
                 compute = jax.lax.with_sharding_constraint(compute, replicated(mesh))
-            return loss_terms_fn(compute, micro_batch, micro_key, *extra)
+            extra = (fp8_meta,) if jax.tree_util.tree_leaves(fp8_meta) else ()
+            return loss_terms_fn(compute, batch, key, *extra)
 
-        def weight_objective(weight_params, terms):
+        def objective(weight_params, terms):
             total, metrics = weighting(terms, weight_params, state.weight_state, state.step)
             return scale.scale(total), (terms, total, metrics)
 
-        def objective(params, weight_params, fp8_meta, micro_batch, micro_key):
-            terms = terms_fn(params, micro_batch, micro_key, fp8_meta)
-            return weight_objective(weight_params, terms)
-
-        def micro_grads(micro_batch, micro_key, fp8_meta):
-            """Scaled gradients for one micro-batch: (model grads, weight grads), aux, and the
-            fp8 amax histories after it (their "gradient" is their new value)."""
-            if not per_term:
-                grad_fn = jax.grad(objective, argnums=(0, 1, 2), has_aux=True)
-                (*grads, new_meta), aux = grad_fn(
-                    trainable, state.weight_params, fp8_meta, micro_batch, micro_key
-                )
-                return tuple(grads), aux, new_meta
-
-            def weights(terms):
-                _, metrics = weighting(terms, state.weight_params, state.weight_state, state.step)
-                scaled = scale.scale({n: metrics[f"weight/{n}"] for n in terms})
-                return jax.lax.stop_gradient(scaled)
-
-            terms, stacked = term_gradients(
-                lambda p, b, k: terms_fn(p, b, k, fp8_meta),
-                trainable,
-                micro_batch,
-                micro_key,
-                weights=weights,
-            )
-            # The weighting's own parameters see the terms as constants.
-            weight_grads, aux = jax.grad(weight_objective, has_aux=True)(
-                state.weight_params, jax.lax.stop_gradient(terms)
-            )
-            return (stacked, weight_grads), aux, fp8_meta
-
-        if grad_accum == 1:
-            grads, (terms, total, metrics), fp8_meta = micro_grads(batch, key, state.fp8_meta)
-        else:
-            micro = _split_micro(batch, grad_accum)
-
-            def body(carry, xs):
-                summed, fp8_meta = carry
-                i, micro_batch = xs
-                grads, aux, fp8_meta = micro_grads(
-                    micro_batch, jax.random.fold_in(key, i), fp8_meta
-                )
-                add = lambda a, g: a + g.astype(jnp.float32)
-                return (jax.tree_util.tree_map(add, summed, (grads, aux)), fp8_meta), None
-
-            shapes = jax.eval_shape(
-                micro_grads, jax.tree_util.tree_map(lambda x: x[0], micro), key, state.fp8_meta
-            )[:2]
-            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
-            (summed, fp8_meta), _ = jax.lax.scan(
-                body, (zeros, state.fp8_meta), (jnp.arange(grad_accum), micro)
-            )
-            mean = jax.tree_util.tree_map(
-                lambda s, like: (s / grad_accum).astype(like.dtype), summed, shapes
-            )
-            grads, (terms, total, metrics) = mean
-
+        grad_fn = functools.partial(
+            _per_term_grads if mixer.per_term else _total_grads,
+            terms_fn,
+            objective,
+            scale,
+            trainable,
+            state.weight_params,
+        )
+        grads, (terms, total, metrics), fp8_meta = _accumulated_grads(
+            grad_fn, batch, key, state.fp8_meta, grad_accum
+        )
         model_grads, weight_grads = scale.unscale(grads)
         grads_finite = all_finite((model_grads, weight_grads))
-        if per_term:
+        if mixer.per_term:
             model_grads = mixer(model_grads, key)
         # Unscaling computes in fp32; the optimizer gets each gradient in its parameter's dtype,
         # as without a loss scale, so that its state keeps the dtypes it was created with.
         model_grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), model_grads, trainable)
-
-        # Optax's own code (Adam's bias correction, schedules) mixes int32 and float, which
-        # strict promotion refuses; the rest of the step stays under the caller's setting.
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = optimizer.update(model_grads, state.opt_state, trainable)
-            params = merge_frozen(optax.apply_updates(trainable, updates), frozen)
-            weight_params, weight_opt_state = state.weight_params, state.weight_opt_state
-            if weighting.optimizer is not None:
-                w_updates, weight_opt_state = weighting.optimizer.update(
-                    weight_grads, weight_opt_state, weight_params
-                )
-                weight_params = optax.apply_updates(weight_params, w_updates)
-        weight_state = weighting.update(terms, state.weight_state, state.step)
+        new = _updated(
+            state, optimizer, weighting, ema, (model_grads, weight_grads), terms, fp8_meta
+        )
         # Finite gradients can still give a non-finite result (fp16 params or moments that
         # overflow, an epsilon that underflows): that step is skipped too, so no NaN or Inf
         # ever reaches the state. The loss scale answers only to the gradients, as in jmp.
-        finite = grads_finite & all_finite((params, opt_state, weight_params, weight_opt_state))
-
-        new, old = (
-            (params, opt_state, weight_params, weight_opt_state, weight_state, fp8_meta),
-            (
-                state.params,
-                state.opt_state,
-                state.weight_params,
-                state.weight_opt_state,
-                state.weight_state,
-                state.fp8_meta,
-            ),
+        finite = grads_finite & all_finite(
+            (new.params, new.opt_state, new.weight_params, new.weight_opt_state)
         )
-        if ema is not None:
-            if state.ema_params is None:
-                raise ValueError(
-                    "make_train_step(ema=...) needs a state with EMA parameters: "
-                    "TrainState.create(..., ema=ema)"
-                )
-            new = (*new, ema.update(state.ema_params, params, state.step))
-            old = (*old, state.ema_params)
-        kept = select_tree(finite, new, old)
-        new_state = TrainState(
+        new_state = dataclasses.replace(
+            select_tree(finite, new, state),
             step=state.step + 1,
-            params=kept[0],
-            opt_state=kept[1],
             loss_scale=scale.adjust(grads_finite),
-            rng=state.rng,
-            weight_params=kept[2],
-            weight_opt_state=kept[3],
-            weight_state=kept[4],
-            fp8_meta=kept[5],
-            ema_params=kept[6] if ema is not None else state.ema_params,
         )
         metrics = {
             "loss": total.astype(jnp.float32),
