@@ -1,4 +1,11 @@
-"""The training loop behind ``hybrid-jax train``: step, read metrics, evaluate, save, roll back."""
+"""The training loop behind ``hybrid-jax train``.
+
+One flat loop, as in nanoGPT's ``train.py``, one line per phase: dispatch step ``t``; read step
+``t - 1``'s metrics (after the dispatch, so the host never stalls the device) and roll back to a
+checkpoint when the skip guard asks for it; evaluate and checkpoint every ``eval_interval``
+steps; stop cleanly on Ctrl-C. What it writes down is :class:`_Journal`'s job, the rollback
+:func:`_roll_back`'s, and what it shows :mod:`hybrid_jax.app.progress`'s.
+"""
 
 from __future__ import annotations
 
@@ -16,35 +23,16 @@ import jax.numpy as jnp
 
 from hybrid_jax import tree as tree_lib
 from hybrid_jax.app.config import RunConfig
+from hybrid_jax.app.progress import ProgressBar, Throughput
 from hybrid_jax.app.run import Run, build, generate
 from hybrid_jax.precision import DynamicLossScale, cast_to_compute
 from hybrid_jax.train import Checkpointer, TrainState, evaluate, merge_frozen, split_frozen
 from hybrid_jax.train.guard import NonFiniteError, SkipGuard
 
-
-@contextlib.contextmanager
-def _interrupt_flag() -> Iterator[dict]:
-    """Turns Ctrl-C into a flag the loop checks between steps, so a save is never cut short."""
-    flag = {"stop": False}
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum, frame):
-        del signum, frame
-        flag["stop"] = True
-
-    try:
-        signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: leave Ctrl-C alone
-        yield flag
-        return
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _to_host(metrics: dict[str, jax.Array]) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+# The validation loss nanoGPT's baby GPT reaches in 2000 steps: the summary records when a run
+# first gets there.
+_NANOGPT_VAL_LOSS = 1.88
+_FIRST_AT_NANOGPT = "first_step_val_loss_le_1.88"
 
 
 def train(
@@ -58,10 +46,12 @@ def train(
 ) -> dict[str, Any]:
     """Trains, evaluates, checkpoints and samples; returns (and writes) the run's summary.
 
-    Writes into ``out``: ``metrics.jsonl`` (one JSON object per logged step and evaluation),
-    ``checkpoints/`` (orbax, every ``eval_interval`` steps, at the end and on Ctrl-C) and
-    ``summary.json``. The host reads step ``t - 1``'s metrics only after dispatching step ``t``,
-    so it never stalls the device.
+    Writes into ``out``: ``metrics.jsonl`` (one JSON object per logged step, evaluation and
+    rollback), ``checkpoints/`` (orbax, every ``eval_interval`` steps, at the end and on
+    Ctrl-C) and ``summary.json``. When ``config.max_skips`` steps in a row are skipped (or the
+    loss scale cannot back off further), the run rolls back to the last checkpoint from before
+    the trouble; when that happens again, or there is no such checkpoint, it stops with a
+    :class:`~hybrid_jax.train.NonFiniteError` naming the non-finite gradients.
 
     Args:
       config: the run's settings.
@@ -83,163 +73,203 @@ def train(
     main = jax.process_index() == 0
     if not main:
         progress, log = False, lambda text: None
-    eval_params = lambda state: state.ema_params if config.eval_ema else state.params
-    state = run.state
-    settings = dataclasses.asdict(config)
-    start_time = time.perf_counter()
-    # What a resumed run carries over from the checkpoint's metadata.
-    carried = {"wall_time_s": 0.0, "skipped_steps": 0, "first_step_val_loss_le_1.88": None}
+    state, val_loss = run.state, float("nan")
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(Checkpointer(os.path.join(out, "checkpoints")))
+        journal = stack.enter_context(_Journal(config, out if main else None, append=resume))
         if resume:
-            state, meta = _restore(ckpt, state, settings)
-            carried.update({k: meta[k] for k in carried if k in meta})
+            state, meta = _restore(ckpt, state, journal.settings)
+            journal.carry_over(meta)
             log(f"resumed from step {int(state.step)} in {ckpt.directory}")
         first = int(jax.device_get(state.step))
-        metrics_path = os.path.join(out, "metrics.jsonl") if main else os.devnull
-        metrics_file = stack.enter_context(
-            open(metrics_path, "a" if resume else "w", encoding="utf-8")
-        )
         interrupt = stack.enter_context(_interrupt_flag())
-        bar = stack.enter_context(_Progress(progress, first, config.steps, log))
-
-        def record(entry: dict[str, Any]) -> None:
-            metrics_file.write(json.dumps(entry) + "\n")
-            metrics_file.flush()
-
-        def read(metrics: dict[str, jax.Array], step: int) -> dict[str, float]:
-            host = _to_host(metrics)
-            carried["skipped_steps"] += int(host["skipped"])
-            record({"step": step, **host})
-            return host
-
-        def save() -> None:
-            if ckpt.has(int(jax.device_get(state.step))):
-                return  # the final save right after a periodic one
-            wall = carried["wall_time_s"] + time.perf_counter() - start_time
-            ckpt.save(state, meta={"settings": settings, **carried, "wall_time_s": wall})
-
-        tokens_per_step = config.batch_size * config.block_size
-        val_loss, timer = float("nan"), _Throughput(tokens_per_step)
+        bar = stack.enter_context(ProgressBar(progress, first, config.steps, log))
         guard = SkipGuard(config.max_skips, min_loss_scale=_floor(state.loss_scale))
+        timer = Throughput(config.batch_size * config.block_size)
 
-        def check(metrics: dict[str, jax.Array], t: int) -> TrainState | None:
-            """Reads step ``t``'s metrics; after too many skips, the state to go on from."""
-            host = read(metrics, t + 1)
-            bar.update(t + 1, host["loss"], timer.rate())
-            try:
-                reason = guard.observe(t, host)
-            except NonFiniteError as e:
-                raise NonFiniteError(f"{e}; {_nonfinite_leaves(run, state, t)}") from None
-            if reason is None:
-                return None
-            start = guard.start_of_trouble()
-            good = [step for step in ckpt.all_steps() if step <= start]
-            if not good:
-                raise NonFiniteError(
-                    f"{reason}, and there is no checkpoint from before step {start} to roll back "
-                    f"to; {_nonfinite_leaves(run, state, t)}"
-                )
-            ckpt.discard_after(max(good))  # the abandoned path's checkpoints
-            restored, _ = ckpt.restore(state, step=max(good))
-            guard.rolled_back(max(good))
-            record({"step": t + 1, "rollback_to": max(good), "reason": reason})
-            bar.note(f"{reason}: rolled back to the checkpoint of step {max(good)}")
-            return restored
-
-        pending, t = None, first
-        while True:
+        t, previous = first, None  # previous: (t - 1, its metrics), read after step t's dispatch
+        while t < config.steps or previous is not None:
+            current = None
             if t < config.steps:
-                batch = run.sample_train(jax.random.fold_in(run.data_key, t))
-                state, metrics = run.step(state, batch)
-            if pending is not None:  # the previous step's metrics, read after this dispatch
-                restored = check(*pending)
-                if restored is not None:
-                    state, pending, t = restored, None, int(jax.device_get(restored.step))
+                state, metrics = run.step(state, _train_batch(run, t))
+                current = (t, metrics)
+            if previous is not None:
+                host = journal.read_step(*previous)
+                bar.update(previous[0] + 1, host["loss"], timer.rate())
+                if reason := _observe(guard, run, state, previous[0], host):
+                    state = _roll_back(ckpt, guard, journal, bar, state, previous[0], reason, run)
+                    t, previous = int(jax.device_get(state.step)), None
                     continue
-            if t >= config.steps:
+            if current is None:
                 break
-            pending = (metrics, t)
+            previous = current
             if t == first + 1:  # compilation is left out of the throughput
                 jax.block_until_ready(state)
                 timer.start()
             timer.count()
-            done = t + 1
-            if done % config.eval_interval == 0 or done == config.steps:
+            t += 1
+            if t % config.eval_interval == 0 or t == config.steps:
                 with timer.paused():
-                    val_loss = evaluate(
-                        run.eval_step, eval_params(state), run.val_set, state.fp8_meta
-                    )["lm"]
-                record({"step": done, "val_loss": val_loss})
-                bar.note(f"step {done}: val loss {val_loss:.4f}")
-                if carried["first_step_val_loss_le_1.88"] is None and val_loss <= 1.88:
-                    carried["first_step_val_loss_le_1.88"] = done
-                save()
+                    val_loss = _validation_loss(run, state)
+                journal.evaluated(t, val_loss)
+                bar.note(f"step {t}: val loss {val_loss:.4f}")
+                _save(ckpt, state, journal)
             if interrupt["stop"]:
-                save()
+                _save(ckpt, state, journal)
                 ckpt.wait()
                 log(
-                    f"interrupted at step {done}: checkpoint saved in {ckpt.directory}; run "
+                    f"interrupted at step {t}: checkpoint saved in {ckpt.directory}; run "
                     "again with --resume to continue"
                 )
                 raise KeyboardInterrupt
-            t += 1
         jax.block_until_ready(state)
         tokens_per_s = timer.rate()
         if first >= config.steps:  # nothing left to train: evaluate what was restored
-            val_loss = evaluate(run.eval_step, eval_params(state), run.val_set, state.fp8_meta)[
-                "lm"
-            ]
-        save()
+            val_loss = _validation_loss(run, state)
+        _save(ckpt, state, journal)
 
-    wall = carried["wall_time_s"] + time.perf_counter() - start_time
-    skipped = carried["skipped_steps"]
-    sample = generate(
-        run, eval_params(state), config.sample_chars, seed=config.seed, fp8_meta=state.fp8_meta
-    )
-    summary = {
-        "final_val_loss": val_loss,
-        "wall_time_s": wall,
-        "steps": config.steps,
-        "tokens_per_s": tokens_per_s,
-        "skipped_steps": skipped,
-        "first_step_val_loss_le_1.88": carried["first_step_val_loss_le_1.88"],
-        "backend": jax.default_backend(),
-        "device_kind": jax.devices()[0].device_kind,
-        "devices": jax.device_count(),
-        "processes": jax.process_count(),
-        "settings": settings,
-    }
+    summary = journal.summary(val_loss, tokens_per_s)
     if main:
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+    eval_params = _eval_params(run, state)
+    sample = generate(
+        run, eval_params, config.sample_chars, seed=config.seed, fp8_meta=state.fp8_meta
+    )
     if diagnose:
-        from hybrid_jax.app.diagnose import diagnose as diagnose_state
-
-        batch = run.sample_train(jax.random.fold_in(run.data_key, config.steps))
-        report = str(diagnose_state(run, state, batch))
-        with open(os.path.join(out, "diagnostics.txt"), "w", encoding="utf-8") as f:
-            f.write(report + "\n")
-        log(report)
+        _write_diagnosis(run, state, out, log)
     log("---- sample ----")
     log(sample)
     log("----------------")
-    log(f"wall time {wall:.1f} s, {tokens_per_s:,.0f} tokens/s, {skipped} skipped steps")
+    log(
+        f"wall time {summary['wall_time_s']:.1f} s, {summary['tokens_per_s']:,.0f} tokens/s, "
+        f"{summary['skipped_steps']} skipped steps"
+    )
     log(f"final val loss {val_loss:.4f}")
     return summary
 
 
-def _floor(loss_scale: Any) -> float | None:
-    """The loss scale's floor, if it backs off (``DynamicLossScale``)."""
-    if isinstance(loss_scale, DynamicLossScale):
-        return float(jax.device_get(loss_scale.min_loss_scale))
-    return None
+def _train_batch(run: Run, t: int) -> Any:
+    """Step ``t``'s batch: a function of the seed and ``t`` alone, so a resumed or rolled-back
+    run sees the same batches as an uninterrupted one."""
+    return run.sample_train(jax.random.fold_in(run.data_key, t))
+
+
+def _eval_params(run: Run, state: TrainState) -> Any:
+    return state.ema_params if run.config.eval_ema else state.params
+
+
+def _validation_loss(run: Run, state: TrainState) -> float:
+    return evaluate(run.eval_step, _eval_params(run, state), run.val_set, state.fp8_meta)["lm"]
+
+
+def _save(ckpt: Checkpointer, state: TrainState, journal: _Journal) -> None:
+    if not ckpt.has(int(jax.device_get(state.step))):  # else: the final save after a periodic one
+        ckpt.save(state, meta=journal.checkpoint_meta())
+
+
+class _Journal:
+    """What a run writes down: ``metrics.jsonl``, and the counters a resumed run carries over
+    from its checkpoint (wall time, skipped steps, the first step at nanoGPT's loss)."""
+
+    def __init__(self, config: RunConfig, out: str | None, *, append: bool):
+        self.config = config
+        self.settings = dataclasses.asdict(config)
+        self._path = os.path.join(out, "metrics.jsonl") if out else os.devnull
+        self._mode = "a" if append else "w"
+        self._start = time.perf_counter()
+        self._carried = {"wall_time_s": 0.0, "skipped_steps": 0, _FIRST_AT_NANOGPT: None}
+
+    def __enter__(self) -> _Journal:
+        self._file = open(self._path, self._mode, encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def carry_over(self, meta: dict) -> None:
+        self._carried.update({k: meta[k] for k in self._carried if k in meta})
+
+    def record(self, entry: dict[str, Any]) -> None:
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+
+    def read_step(self, t: int, metrics: dict[str, jax.Array]) -> dict[str, float]:
+        """Step ``t``'s metrics on the host, written down as step ``t + 1``'s."""
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self._carried["skipped_steps"] += int(host["skipped"])
+        self.record({"step": t + 1, **host})
+        return host
+
+    def evaluated(self, step: int, val_loss: float) -> None:
+        self.record({"step": step, "val_loss": val_loss})
+        if self._carried[_FIRST_AT_NANOGPT] is None and val_loss <= _NANOGPT_VAL_LOSS:
+            self._carried[_FIRST_AT_NANOGPT] = step
+
+    def wall_time(self) -> float:
+        return self._carried["wall_time_s"] + time.perf_counter() - self._start
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"settings": self.settings, **self._carried, "wall_time_s": self.wall_time()}
+
+    def summary(self, val_loss: float, tokens_per_s: float) -> dict[str, Any]:
+        return {
+            "final_val_loss": val_loss,
+            "wall_time_s": self.wall_time(),
+            "steps": self.config.steps,
+            "tokens_per_s": tokens_per_s,
+            "skipped_steps": self._carried["skipped_steps"],
+            _FIRST_AT_NANOGPT: self._carried[_FIRST_AT_NANOGPT],
+            "backend": jax.default_backend(),
+            "device_kind": jax.devices()[0].device_kind,
+            "devices": jax.device_count(),
+            "processes": jax.process_count(),
+            "settings": self.settings,
+        }
+
+
+def _observe(
+    guard: SkipGuard, run: Run, state: TrainState, t: int, host: dict[str, float]
+) -> str | None:
+    """The guard's verdict on step ``t``: ``None``, or why to roll back; a fault it cannot roll
+    back from is a ``NonFiniteError`` naming the gradients at fault."""
+    try:
+        return guard.observe(t, host)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{e}; {_nonfinite_leaves(run, state, t)}") from None
+
+
+def _roll_back(
+    ckpt: Checkpointer,
+    guard: SkipGuard,
+    journal: _Journal,
+    bar: ProgressBar,
+    state: TrainState,
+    t: int,
+    reason: str,
+    run: Run,
+) -> TrainState:
+    """The state of the last checkpoint from before the trouble began; the checkpoints of the
+    abandoned path are discarded."""
+    start = guard.start_of_trouble()
+    good = [step for step in ckpt.all_steps() if step <= start]
+    if not good:
+        raise NonFiniteError(
+            f"{reason}, and there is no checkpoint from before step {start} to roll back "
+            f"to; {_nonfinite_leaves(run, state, t)}"
+        )
+    ckpt.discard_after(max(good))
+    restored, _ = ckpt.restore(state, step=max(good))
+    guard.rolled_back(max(good))
+    journal.record({"step": t + 1, "rollback_to": max(good), "reason": reason})
+    bar.note(f"{reason}: rolled back to the checkpoint of step {max(good)}")
+    return restored
 
 
 def _nonfinite_leaves(run: Run, state: TrainState, t: int) -> str:
     """Which gradients of step ``t``'s batch are not finite, recomputed from ``state`` (whose
     parameters a skipped step left as they were) at its loss scale, for an error message."""
-    batch = run.sample_train(jax.random.fold_in(run.data_key, t))
+    batch = _train_batch(run, t)
     trainable, frozen = split_frozen(state.params)
 
     def scaled_total(trainable):
@@ -259,6 +289,22 @@ def _nonfinite_leaves(run: Run, state: TrainState, t: int) -> str:
         )
     shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
     return f"non-finite gradients at step {t} in {shown}"
+
+
+def _write_diagnosis(run: Run, state: TrainState, out: str, log: Callable[[str], None]) -> None:
+    from hybrid_jax.app.diagnose import diagnose
+
+    report = str(diagnose(run, state, _train_batch(run, run.config.steps)))
+    with open(os.path.join(out, "diagnostics.txt"), "w", encoding="utf-8") as f:
+        f.write(report + "\n")
+    log(report)
+
+
+def _floor(loss_scale: Any) -> float | None:
+    """The loss scale's floor, if it backs off (``DynamicLossScale``)."""
+    if isinstance(loss_scale, DynamicLossScale):
+        return float(jax.device_get(loss_scale.min_loss_scale))
+    return None
 
 
 def _restore(ckpt: Checkpointer, like: TrainState, settings: dict) -> tuple[TrainState, dict]:
@@ -282,72 +328,22 @@ def _restore(ckpt: Checkpointer, like: TrainState, settings: dict) -> tuple[Trai
     return ckpt.restore(like)
 
 
-class _Throughput:
-    """Training tokens per second, with evaluation time left out."""
+@contextlib.contextmanager
+def _interrupt_flag() -> Iterator[dict]:
+    """Turns Ctrl-C into a flag the loop checks between steps, so a save is never cut short."""
+    flag = {"stop": False}
+    previous = signal.getsignal(signal.SIGINT)
 
-    def __init__(self, tokens_per_step: int):
-        self._tokens_per_step = tokens_per_step
-        self._since, self._steps, self._paused_s = None, 0, 0.0
+    def handler(signum, frame):
+        del signum, frame
+        flag["stop"] = True
 
-    def start(self) -> None:
-        self._since, self._steps, self._paused_s = time.perf_counter(), 0, 0.0
-
-    def count(self) -> None:
-        self._steps += 1
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self._paused_s += time.perf_counter() - start
-
-    def rate(self) -> float:
-        if self._since is None or self._steps < 2:
-            return float("nan")
-        elapsed = time.perf_counter() - self._since - self._paused_s
-        return (self._steps - 1) * self._tokens_per_step / elapsed
-
-
-class _Progress:
-    """A rich progress bar showing the loss and tokens/s; without it, notes go to ``log``."""
-
-    def __init__(self, enabled: bool, first: int, total: int, log: Callable[[str], None]):
-        self._bar, self._log = None, log
-        if enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(
-                TextColumn("train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(),
-            )
-            self._task = self._bar.add_task("train", total=total, completed=first, info="")
-
-    def __enter__(self):
-        if self._bar:
-            self._bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self._bar:
-            self._bar.stop()
-
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-        if self._bar:
-            self._bar.update(
-                self._task, completed=step, info=f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s"
-            )
-
-    def note(self, text: str) -> None:
-        if self._bar:
-            self._bar.console.print(text)
-        else:
-            self._log(text)
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave Ctrl-C alone
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
