@@ -17,11 +17,15 @@ from flax import nnx
 
 from hybrid_jax import tree as tree_lib
 from hybrid_jax.precision import dtypes, plan
-from hybrid_jax.precision.matmul import dot_general_for, fp8_dot_general_delayed, fp8_meta
+from hybrid_jax.precision.matmul import (
+    WEIGHT_NAMES,
+    dot_general_for,
+    fp8_dot_general_delayed,
+    fp8_meta,
+)
 from hybrid_jax.precision.rules import Precision, is_policy, policies_with_paths
 
 FP8_SCALINGS = ("current", "delayed")
-_WEIGHT_NAMES = ("kernel", "embedding")
 
 
 class Fp8Meta(nnx.Variable):
@@ -89,7 +93,7 @@ def _matmul_layers(model: nnx.Module) -> list[tuple[str, nnx.Module, str]]:
     for path, node in nnx.iter_graph(model):
         if not (isinstance(node, nnx.Module) and getattr(node, "dot_general", None) is not None):
             continue
-        weights = [n for n in _WEIGHT_NAMES if isinstance(getattr(node, n, None), nnx.Param)]
+        weights = [n for n in WEIGHT_NAMES if isinstance(getattr(node, n, None), nnx.Param)]
         if weights:
             layers.append(("/".join(str(k) for k in path), node, weights[0]))
     return layers

@@ -46,6 +46,10 @@ DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[in
 
 _F32 = dtypes.FLOAT32
 
+#: The leaf names of a layer's matmul weight (the first found wins): where fp8/int8 compute
+#: reaches a layer, and what the precision audit reads a layer's compute dtype from.
+WEIGHT_NAMES = ("kernel", "embedding")
+
 
 def _normalize_dims(dimension_numbers: Any) -> DimensionNumbers:
     """Nested tuples (hashable, as a ``custom_vjp`` static argument needs) from any sequences."""
