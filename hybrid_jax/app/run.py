@@ -33,20 +33,37 @@ from hybrid_jax.train.sharding import (
 )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Run:
-    """What :func:`build` sets up: the model, data, state and jitted functions of a run."""
+    """What :func:`build` sets up: the model, data, state and jitted functions of a run.
+
+    Attributes:
+      config: the settings it was built from.
+      tokenizer: the corpus' character tokenizer.
+      graphdef: the GPT's ``nnx.GraphDef``; ``nnx.merge(graphdef, params, fp8_meta)`` rebuilds it.
+      state: the initial :class:`~hybrid_jax.train.TrainState` (sharded when there is a mesh).
+      step: the jitted train step ``(state, batch) -> (state, metrics)``; donates ``state``.
+      eval_step: the jitted ``(params, batch, fp8_meta) -> {term: loss}``.
+      sample_train: ``key -> (tokens, targets)``, a training batch sampled on the device.
+      val_set: the fixed validation batches, stacked on a leading axis.
+      data_key: the key that step ``t``'s batch is folded from.
+      loss_terms: ``(compute_params, batch, rng, fp8_meta) -> {"lm": ..., "z_loss": ...}``.
+      precision: the cast plan (the precision with fp8/int8 weights left to their matmuls).
+      weighting: how the loss terms add up.
+      optimizer: the optimizer the state was created with.
+      mesh: the device mesh, or ``None`` on one device.
+    """
 
     config: RunConfig
     tokenizer: data_lib.CharTokenizer
-    graphdef: Any
+    graphdef: nnx.GraphDef
     state: TrainState
-    step: Callable
-    eval_step: Callable
-    sample_train: Callable
-    val_set: Any
+    step: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]
+    eval_step: Callable[..., dict[str, jax.Array]]
+    sample_train: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+    val_set: tuple[jax.Array, jax.Array]
     data_key: jax.Array
-    loss_terms: Callable
+    loss_terms: Callable[..., dict[str, jax.Array]]
     precision: Any
     weighting: Weighted
     optimizer: optax.GradientTransformation

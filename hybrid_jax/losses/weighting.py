@@ -13,7 +13,7 @@ adaptive weighting alike:
 
 ``weighting.optimizer`` updates ``params`` (``None`` when there are none).
 
-Faults (RELIABILITY row 14): no term is ever masked. A NaN term with weight 0 gives a NaN total,
+Faults: no term is ever masked. A NaN term with weight 0 gives a NaN total,
 because ``0 * NaN = NaN`` and a silently dropped NaN would hide a broken term; the train step's
 finite check then skips the step. To switch a term off, leave it out of both the weights and the
 terms. Negative and NaN weights are rejected.
