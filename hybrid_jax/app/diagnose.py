@@ -29,7 +29,7 @@ from hybrid_jax.train import TrainState, merge_frozen, split_frozen
 
 @dataclasses.dataclass(frozen=True)
 class Diagnosis:
-    """The four reports of :func:`diagnose`, each a :class:`~hybrid_jax._table.Table`."""
+    """The five reports of :func:`diagnose`, each a :class:`~hybrid_jax._table.Table`."""
 
     params: Table
     gradients: Table
@@ -67,21 +67,6 @@ def _run_with_probes(graphdef, params, fp8_meta, tokens, probes, seen):
 
         layer.dot_general = nnx.static(probed)
     return model(tokens)
-
-
-def matmul_inputs(graphdef: Any, params: Any, fp8_meta: Any, tokens: jax.Array) -> dict:
-    """The left operand (activations) of every layer's matmul for ``tokens``, by layer path.
-
-    Runs the model once (jitted) with each layer's ``dot_general`` wrapped so that it records
-    its input; the model itself is not changed (a fresh copy is merged from ``graphdef``).
-    """
-
-    def record(params, fp8_meta, tokens):
-        seen: dict[str, jax.Array] = {}
-        _run_with_probes(graphdef, params, fp8_meta, tokens, {}, seen)
-        return seen
-
-    return jax.jit(record)(params, fp8_meta, tokens)
 
 
 def diagnose(run: Any, state: TrainState, batch: Any) -> Diagnosis:
