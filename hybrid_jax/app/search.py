@@ -11,6 +11,9 @@ Memory is what a run holds: by default the training state's bytes plus the compi
 temporaries (XLA's memory analysis), so a candidate is cheaper when it narrows the stored
 parameters, the optimizer's moments or the activations, and dearer when its update needs more
 scratch; ``memory="state"`` counts the state alone.
+
+Every measuring run is the base run with only its precision changed: its optimizer, loss
+scaling, fp8 scaling, model, data, schedule and seed are the base's.
 """
 
 from __future__ import annotations
@@ -37,6 +40,19 @@ CANDIDATES = ("bf16-mixed", "fp8-mixed", "int8-mixed", "bf16-pure-sr", "bf16-lea
 def _rules_json(choice: Mapping[str, str], groups: Mapping[str, str]) -> str:
     rules = [[groups[g], policy] for g, policy in choice.items() if policy != "fp32"]
     return json.dumps({"rules": rules, "default": "fp32"})
+
+
+def _recipe(name: str, precision: str, description: str, base: RunConfig) -> Recipe:
+    # compare runs ``base`` with the recipe's optimizer, loss scaling and fp8 scaling in place
+    # of the base's own; a Recipe's defaults (AdamW) would silently change the measured run.
+    return Recipe(
+        name,
+        precision,
+        description,
+        optimizer=base.optimizer,
+        loss_scale=base.loss_scale,
+        fp8_scaling=base.fp8_scaling,
+    )
 
 
 MEMORY_MEASURES = ("total", "state")
@@ -97,8 +113,9 @@ def precision_search(
     """Proposes the rule list with the least memory whose loss increase is within a budget.
 
     Args:
-      base: the model, data, schedule and seed of every measuring run (e.g.
-        :data:`hybrid_jax.app.bench.QUICK`).
+      base: the run every measurement varies (e.g. :data:`hybrid_jax.app.bench.QUICK`): each
+        measuring run is ``base`` with only its precision replaced, so its optimizer, loss
+        scaling, fp8 scaling, model, data, schedule and seed are the base's.
       budget_pct: the largest allowed validation-loss increase over fp32, in percent.
       groups: layer groups, name -> path pattern (first match wins, in this order).
       candidates: policies (presets or strings) a group may be lowered to.
@@ -111,7 +128,8 @@ def precision_search(
       A :class:`SearchResult`; ``str()`` of it ends with the rule list, ready to paste.
 
     Raises:
-      ValueError: a negative budget, no groups or candidates, or an unknown ``memory``.
+      ValueError: a negative budget, no groups or candidates, an unknown ``memory``, or a base
+        that evaluates an EMA of its parameters (``eval_ema``).
     """
     if memory not in MEMORY_MEASURES:
         raise ValueError(f"memory must be one of {MEMORY_MEASURES}, got {memory!r}")
@@ -120,11 +138,20 @@ def precision_search(
         raise ValueError(f"budget_pct must be >= 0, got {budget_pct}")
     if not groups or not candidates:
         raise ValueError("precision_search needs at least one group and one candidate")
-    recipes = [Recipe("fp32", "fp32", "the reference")]
+    if base.eval_ema:
+        # compare evaluates the trained parameters, never their EMA: the search would measure
+        # another loss than the base run reports.
+        raise ValueError(
+            "precision_search measures the trained parameters, not their EMA: use a base run "
+            "with eval_ema=False"
+        )
+    recipes = [_recipe("fp32", "fp32", "the reference", base)]
     for group in groups:
         for policy in candidates:
             precision = _rules_json({group: policy}, groups)
-            recipes.append(Recipe(f"{group}:{policy}", precision, f"only {group} in {policy}"))
+            recipes.append(
+                _recipe(f"{group}:{policy}", precision, f"only {group} in {policy}", base)
+            )
     log(f"measuring {len(recipes) - 1} single-group variants")
     rows = {r["recipe"]: r for r in compare(recipes, base, log=log)}
     sensitivity = {g: {p: rows[f"{g}:{p}"]["val_loss_gap_pct"] for p in candidates} for g in groups}
@@ -146,7 +173,7 @@ def precision_search(
     choice = {g: ladder[0] for g, ladder in ladders.items()}
 
     while True:
-        proposed = Recipe("proposed", _rules_json(choice, groups), "the proposed rules")
+        proposed = _recipe("proposed", _rules_json(choice, groups), "the proposed rules", base)
         log(f"verifying {choice}")
         result = {r["recipe"]: r for r in compare([recipes[0], proposed], base, log=log)}
         gap = result["proposed"]["val_loss_gap_pct"]
