@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import sys
 from typing import Any
 
@@ -12,14 +13,14 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """The flags that decide a run's model, data, precision and optimizer (train, inspect)."""
     from hybrid_jax.app.config import LOSS_SCALES, OPTIMIZERS, RunConfig
     from hybrid_jax.models.matmuls import FP8_SCALINGS
+    from hybrid_jax.precision import PRESETS
 
     d = RunConfig()
     p.add_argument(
         "--precision",
         default=d.precision,
-        help="preset (fp32, bf16-mixed, fp16-mixed, bf16-pure, fp8-mixed, int8-mixed, "
-        "bf16-pure-sr, bf16-pure-kahan, bf16-lean), policy string, or JSON rules (a file or "
-        "inline) (default: %(default)s)",
+        help=f"preset ({', '.join(PRESETS)}), policy string, or JSON rules (a file or inline) "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--fp8-scaling",
@@ -57,22 +58,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _run_config(args: argparse.Namespace, **extra: Any):
+    """The RunConfig of every flag named after one of its fields (``--n-layer`` is
+    ``n_layer``), plus ``extra``."""
     from hybrid_jax.app.config import RunConfig
 
-    return RunConfig(
-        precision=args.precision,
-        optimizer=args.optimizer,
-        batch_size=args.batch_size,
-        block_size=args.block_size,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        n_embd=args.n_embd,
-        data=args.data,
-        seed=args.seed,
-        fp8_scaling=args.fp8_scaling,
-        loss_scale=args.loss_scale,
-        **extra,
-    )
+    names = {field.name for field in dataclasses.fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in vars(args).items() if k in names}, **extra)
 
 
 def _add_train(commands) -> None:
@@ -217,10 +208,18 @@ def _add_mix(commands) -> None:
         help="soups and merges of saved runs' parameters",
         description="Mix the latest parameters of runs saved by 'hybrid-jax train': a uniform "
         "or greedy soup (Wortsman et al. 2022), a path-wise merge, or an interpolation of two. "
-        "Prints each run's and the result's validation loss; saves the result as a checkpoint "
-        "that 'hybrid-jax train --out OUT --resume' fine-tunes, and OUT/mix.json.",
+        "Prints each run's and the result's validation loss, all on the FIRST run's "
+        "validation batches (its seed, eval_batches and eval_batch_size) in its precision, so "
+        "that every run is measured alike; the runs must share the model shape and data. "
+        "Saves the result as a checkpoint of the first run's settings that 'hybrid-jax train "
+        "--out OUT --resume' fine-tunes, and OUT/mix.json.",
     )
-    p.add_argument("runs", nargs="+", help="run folders (each with checkpoints/)")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        help="run folders (each with checkpoints/); the first one's validation batches and "
+        "settings are used",
+    )
     p.add_argument("--mode", choices=MODES, default="uniform", help="(%(default)s)")
     p.add_argument(
         "--rules",
@@ -259,9 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _keep_freed_memory() -> None:
     """Stops glibc from mapping fresh pages for XLA:CPU's per-step temporary buffer.
 
-    XLA:CPU allocates its temporaries (about 33 MiB for the default GPT step) on every call; above
-    glibc's mmap threshold each allocation is a fresh mapping, about 9,000 page faults per step,
-    10 ms of a 50 ms step on an idle 2-core machine and 40 ms under load. Keeping freed memory in
+    XLA:CPU allocates its temporaries (tens of MiB for the default GPT step) on every call; above
+    glibc's mmap threshold each allocation is a fresh mapping that page-faults in afresh, a
+    sizeable share of a small model's step (``benchmarks/step_time.py``). Keeping freed memory in
     the heap makes the next step reuse it. A process-wide setting, so the command line makes it,
     not the library; glibc only, silently skipped elsewhere.
     """
@@ -284,18 +283,7 @@ def _train(args: argparse.Namespace) -> int:
             from hybrid_jax.train.sharding import initialize_distributed
 
             initialize_distributed(*explicit)
-        config = _run_config(
-            args,
-            steps=args.steps,
-            mesh=args.mesh,
-            max_skips=args.max_skips,
-            lr=args.lr,
-            min_lr=args.lr / 10,
-            eval_interval=args.eval_interval,
-            eval_batches=args.eval_batches,
-            ema_decay=args.ema_decay,
-            eval_ema=args.eval_ema,
-        )
+        config = _run_config(args, min_lr=args.lr / 10)
         train(
             config,
             args.out,

@@ -2,8 +2,15 @@
 
 Each run folder is one that ``hybrid-jax train`` wrote (its ``checkpoints/`` hold the settings).
 :func:`mix_runs` restores each run's latest parameters, widens them to fp32 (runs may have
-trained in different precisions), mixes them with :mod:`hybrid_jax.mixing` and evaluates every
-ingredient and the result on the same fixed validation batches, under the first run's settings.
+trained in different precisions) and mixes them with :mod:`hybrid_jax.mixing`.
+
+Every ingredient and the result are evaluated on one validation set, the **first run's**: its
+fixed batches (its ``seed``, ``eval_batches`` and ``eval_batch_size``), under its precision. The
+same batches for every run make the losses, and the greedy soup's choices, comparable; a run
+trained with other eval settings is measured on the first run's batches, not on the ones its
+own training reported. The runs must share the model's shape and the data, so these batches
+come from a validation split that none of them trained on.
+
 The result is saved as a checkpoint of the first run's settings at step 0 with a fresh optimizer
 state, so ``hybrid-jax train --out <out> --resume`` fine-tunes from it.
 """
@@ -27,19 +34,33 @@ from hybrid_jax.precision import cast_to_param
 from hybrid_jax.train import Checkpointer, evaluate
 
 MODES = ("uniform", "greedy", "merge", "interpolate")
+#: The settings every mixed run must share: the model's shape, and the text (its vocabulary and
+#: its validation split).
+SHARED_SETTINGS = ("n_layer", "n_head", "n_embd", "block_size", "data")
+#: The settings that draw a run's validation batches.
+VAL_SET_SETTINGS = ("data", "block_size", "seed", "eval_batches", "eval_batch_size")
 
 
-def _restore_params(folder: str) -> tuple[Any, Any]:
-    """A run (built from its saved settings) and its latest parameters, widened to fp32."""
+def _settings(folder: str) -> RunConfig:
     with Checkpointer(os.path.join(folder, "checkpoints")) as ckpt:
-        run = build(RunConfig(**ckpt.meta()["settings"]))
+        return RunConfig(**ckpt.meta()["settings"])
+
+
+def _restore_params(folder: str, config: RunConfig) -> tuple[Any, Any]:
+    """The run built from ``config`` and its latest parameters, widened to fp32."""
+    with Checkpointer(os.path.join(folder, "checkpoints")) as ckpt:
+        run = build(config)
         state, _ = ckpt.restore(run.state)
     widen = lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
     return run, jax.tree_util.tree_map(widen, state.params)
 
 
-def _model_and_data(config: RunConfig) -> tuple:
-    return config.n_layer, config.n_head, config.n_embd, config.block_size, config.data
+def _differences(first: RunConfig, other: RunConfig, keys: Sequence[str]) -> list[str]:
+    return [
+        f"{k} {getattr(first, k)!r} vs {getattr(other, k)!r}"
+        for k in keys
+        if getattr(first, k) != getattr(other, k)
+    ]
 
 
 def mix_runs(
@@ -67,11 +88,12 @@ def mix_runs(
 
     Returns:
       The summary written to ``<out>/mix.json``: each ingredient's and the result's
-      validation loss, the mode and what it kept.
+      validation loss, all on the first run's validation batches (``val_set``: that run and
+      its settings that draw them), the mode and what it kept.
 
     Raises:
-      ValueError: an unknown mode, a wrong number of runs, runs of different model shapes, or
-        bad rules.
+      ValueError: an unknown mode, a wrong number of runs, runs that differ in a setting of
+        :data:`SHARED_SETTINGS` (the message names the runs and the settings), or bad rules.
       FileNotFoundError: a folder without a checkpoint.
     """
     if mode not in MODES:
@@ -80,15 +102,16 @@ def mix_runs(
         raise ValueError(f"mode 'interpolate' mixes exactly two runs, got {len(folders)}")
     if not folders:
         raise ValueError("no runs to mix")
-    restored = [_restore_params(f) for f in folders]
-    run = restored[0][0]
-    config = run.config
-    for folder, (other, _) in zip(folders, restored, strict=True):
-        if _model_and_data(other.config) != _model_and_data(config):
+    configs = [_settings(f) for f in folders]
+    config = configs[0]
+    for folder, other in zip(folders[1:], configs[1:], strict=True):
+        if differing := _differences(config, other, SHARED_SETTINGS):
             raise ValueError(
-                f"{folder} trained another model or data than {folders[0]}: mixing needs the "
-                "same n_layer, n_head, n_embd, block_size and data"
+                f"cannot mix {folders[0]} and {folder}: they differ in {', '.join(differing)}; "
+                "mix runs of one model shape trained on the same data"
             )
+    restored = [_restore_params(f, c) for f, c in zip(folders, configs, strict=True)]
+    run = restored[0][0]
     trees = [params for _, params in restored]
 
     def val_loss(params: Any) -> float:
@@ -96,6 +119,14 @@ def mix_runs(
         return evaluate(run.eval_step, params, run.val_set, run.state.fp8_meta)["lm"]
 
     names = [os.path.basename(os.path.normpath(f)) for f in folders]
+    log(
+        f"validation: every run on {names[0]}'s {config.eval_batches} batches of "
+        f"{config.eval_batch_size} x {config.block_size} tokens (seed {config.seed}), in "
+        f"{config.precision}"
+    )
+    for name, other in zip(names[1:], configs[1:], strict=True):
+        if differing := _differences(config, other, VAL_SET_SETTINGS):
+            log(f"  {name} reported its loss on other batches ({', '.join(differing)})")
     losses = [val_loss(tree) for tree in trees]
     info: dict[str, Any] = {}
     if mode == "uniform":
@@ -116,6 +147,7 @@ def mix_runs(
     summary = {
         "mode": mode,
         "runs": list(folders),
+        "val_set": {"run": folders[0], **{k: getattr(config, k) for k in VAL_SET_SETTINGS}},
         "val_loss": dict(zip(names, losses, strict=True)),
         "result_val_loss": result_loss,
         **info,
