@@ -8,7 +8,6 @@ import shutil
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 
 from hybrid_jax import tree as tree_lib
 from hybrid_jax.train.state import TrainState
@@ -52,6 +51,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3):
+        ocp = _orbax()
         self.directory = os.path.abspath(directory)
         self._trash = os.path.join(self.directory, _TRASH)
         self._empty_trash()  # what a writer killed while deleting an old step left
@@ -90,6 +90,7 @@ class Checkpointer:
             is older than the latest step there. Nothing is written in either case; check
             :meth:`has` first where a loop may save the same step twice.
         """
+        ocp = _orbax()
         step = int(jax.device_get(state.step))
         if self.has(step):
             raise ValueError(
@@ -168,6 +169,7 @@ class Checkpointer:
             another optimizer or precision); the message names the folder, the step and the
             leaves that differ.
         """
+        ocp = _orbax()
         self._manager.wait_until_finished()  # the latest step may be this process's, in flight
         step = self.latest_step() if step is None else step
         if step is None:
@@ -194,6 +196,7 @@ class Checkpointer:
         Raises:
           FileNotFoundError: no checkpoint in the folder.
         """
+        ocp = _orbax()
         self._manager.wait_until_finished()
         step = self.latest_step() if step is None else step
         if step is None:
@@ -278,3 +281,11 @@ def _by_path(tree: Any) -> dict[str, Any]:
     # dataclass field, a dict key and a NamedTuple field all read the same.
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {"/".join(tree_lib.key_str(k) for k in keypath): leaf for keypath, leaf in flat}
+
+
+def _orbax():
+    # Imported on first use: orbax is a sizeable share of `import hybrid_jax`, and only runs
+    # that checkpoint need it.
+    import orbax.checkpoint as ocp
+
+    return ocp
