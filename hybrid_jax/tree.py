@@ -21,6 +21,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any, Generic, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 V = TypeVar("V")
@@ -41,6 +42,29 @@ class CompoundLeaf:
 def is_leaf(x: Any) -> bool:
     """Whether :func:`leaves_with_paths` stops at ``x``: a :class:`CompoundLeaf`."""
     return isinstance(x, CompoundLeaf)
+
+
+def is_float_leaf(x: Any) -> bool:
+    """Whether ``x`` is a floating-point array leaf: the leaves precision casts, trains and stores.
+
+    True for a ``jax.Array`` (a tracer too), a NumPy array or scalar, or a ``jax.ShapeDtypeStruct``
+    whose dtype is a real floating dtype: f64, f32, bf16, f16 and the fp8 formats. False for
+    complex dtypes (a cast to a real format would drop the imaginary part), integers and booleans,
+    Python numbers (weakly typed configuration, which jmp's casts also leave alone) and a
+    :class:`CompoundLeaf` (an int8-stored weight is frozen, and casts handle it by its type).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> [is_float_leaf(x) for x in (jnp.ones(2, jnp.bfloat16), np.float32(1.0),
+      ...                            jax.ShapeDtypeStruct((2,), jnp.float8_e4m3fn))]
+      [True, True, True]
+      >>> [is_float_leaf(x) for x in (jnp.ones(2, jnp.complex64), jnp.arange(2), 1.0, None)]
+      [False, False, False, False]
+    """
+    # jnp.issubdtype, unlike NumPy, files ml_dtypes' bf16 and fp8 under floating.
+    return isinstance(
+        x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
+    ) and jnp.issubdtype(x.dtype, jnp.floating)
 
 
 class UnusedRuleWarning(UserWarning):

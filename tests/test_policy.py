@@ -233,6 +233,19 @@ def test_casts_leave_integers_booleans_and_python_scalars_untouched():
     assert {out[k].dtype for k in ("f32", "f16", "bf16", "np")} == {np.dtype(jnp.bfloat16)}
 
 
+def test_casts_leave_complex_alone_and_give_abstract_leaves_the_abstract_cast():
+    tree = {
+        "c": jnp.ones(2, jnp.complex64),
+        "w": jax.ShapeDtypeStruct((4, 3), jnp.float32),
+        "n": jax.ShapeDtypeStruct((), jnp.int32),
+    }
+    out = hj.cast_to_compute(tree, "bf16-mixed")
+    assert out["c"] is tree["c"] and out["n"] is tree["n"]
+    assert out["w"] == jax.ShapeDtypeStruct((4, 3), jnp.bfloat16)
+    stored = hj.cast_to_param(tree, hj.Policy("int8", "bf16", "f32"))["w"]
+    assert stored.codes == jax.ShapeDtypeStruct((4, 3), jnp.int8)
+
+
 _BIG = float(np.float32(3e38))  # below bf16's largest finite value, so nothing rounds to inf
 _finite_f32 = st.floats(min_value=-_BIG, max_value=_BIG, width=32).filter(
     lambda v: v == 0 or abs(v) >= 1.2e-38

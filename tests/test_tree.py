@@ -9,11 +9,13 @@ import flax.struct
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from hypothesis import given, settings
 
 from hybrid_jax import tree as tree_lib
+from hybrid_jax.precision import Int8Weight
 from hybrid_jax.tree import UnusedRuleWarning, assign, compile_rules, tree_paths
 
 
@@ -200,3 +202,33 @@ def test_paths_are_unique_and_an_anchored_rule_picks_exactly_its_leaf(tree):
         if label == "hit"
     ]
     assert hits == [target]
+
+
+_FLOAT_DTYPES = ["float64", "float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2"]
+_OTHER_DTYPES = ["complex64", "complex128", "int8", "int32", "uint8", "bool"]
+
+
+@pytest.mark.parametrize("dtype", _FLOAT_DTYPES + _OTHER_DTYPES)
+def test_is_float_leaf_is_the_dtype_being_real_floating(dtype):
+    want = dtype in _FLOAT_DTYPES
+    dtype = jnp.dtype(dtype)
+    leaves = [
+        np.zeros(2, dtype),
+        np.zeros((), dtype)[()],  # a NumPy scalar
+        jax.ShapeDtypeStruct((2, 3), dtype),
+    ]
+    # Without jax_enable_x64 a jax array of a 64-bit dtype would be narrowed.
+    if dtype not in (jnp.float64, jnp.complex128):
+        leaves.append(jnp.zeros(2, dtype))
+        # A traced leaf is asked the same question.
+        assert jax.jit(tree_lib.is_float_leaf)(jnp.zeros(2, dtype)) == want
+    assert [tree_lib.is_float_leaf(x) for x in leaves] == [want] * len(leaves)
+
+
+@pytest.mark.parametrize("leaf", [1.0, 1, True, 1j, None, "w"])
+def test_python_values_are_not_float_leaves(leaf):
+    assert not tree_lib.is_float_leaf(leaf)
+
+
+def test_a_compound_leaf_is_not_a_float_leaf():
+    assert not tree_lib.is_float_leaf(Int8Weight.quantize(jnp.ones((2, 3))))

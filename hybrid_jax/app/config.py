@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hybrid_jax.models.matmuls import FP8_SCALINGS
+from hybrid_jax.models import FP8_SCALINGS
 from hybrid_jax.optim import group_labels, muon_adamw, muon_adamw_rules, with_precision
 from hybrid_jax.precision import Policy, PrecisionRules
-from hybrid_jax.train.sharding import parse_mesh
+from hybrid_jax.train import parse_mesh
 
 OPTIMIZERS = ("muon_adamw", "adamw")
 LOSS_SCALES = ("auto", "dynamic", "none")

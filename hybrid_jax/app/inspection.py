@@ -21,8 +21,7 @@ from hybrid_jax.app.config import RunConfig, load_precision, optimizer_groups
 from hybrid_jax.app.run import build
 from hybrid_jax.diagnostics import audit as audit_dots
 from hybrid_jax.diagnostics import expected_from_plan
-from hybrid_jax.precision import dtypes, plan
-from hybrid_jax.precision.rules import policies_with_paths
+from hybrid_jax.precision import dtypes, plan, policies_with_paths
 from hybrid_jax.train import state_bytes
 
 

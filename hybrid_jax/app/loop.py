@@ -26,8 +26,15 @@ from hybrid_jax.app.config import RunConfig
 from hybrid_jax.app.progress import ProgressBar, Throughput
 from hybrid_jax.app.run import Run, build, generate
 from hybrid_jax.precision import DynamicLossScale, cast_to_compute
-from hybrid_jax.train import Checkpointer, TrainState, evaluate, merge_frozen, split_frozen
-from hybrid_jax.train.guard import NonFiniteError, SkipGuard
+from hybrid_jax.train import (
+    Checkpointer,
+    NonFiniteError,
+    SkipGuard,
+    TrainState,
+    evaluate,
+    merge_frozen,
+    split_frozen,
+)
 
 # The validation loss nanoGPT's baby GPT reaches in 2000 steps: the summary records when a run
 # first gets there.

@@ -23,11 +23,13 @@ from hybrid_jax.losses import Weighted, lm_terms
 from hybrid_jax.mixing import EMA
 from hybrid_jax.models import GPT, Fp8Meta, GPTConfig, quantize_matmuls
 from hybrid_jax.precision import DynamicLossScale, NoOpLossScale
-from hybrid_jax.train import TrainState, make_eval_step, make_train_step
-from hybrid_jax.train.sharding import (
+from hybrid_jax.train import (
+    TrainState,
     batch_parts,
     batch_sharding,
+    make_eval_step,
     make_mesh,
+    make_train_step,
     replicated,
     shard_state,
 )

@@ -52,8 +52,7 @@ def host_array(x: Any, what: str, path: str | None = None) -> np.ndarray:
 def floating_leaves(tree: Any, what: str) -> list[tuple[str, np.ndarray]]:
     out = []
     for path, leaf in tree_lib.leaves_with_paths(tree)[0]:
-        dtype = getattr(leaf, "dtype", None)
-        if tree_lib.is_leaf(leaf) or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        if not tree_lib.is_float_leaf(leaf):
             continue
         out.append((path, host_array(leaf, what, path)))
     return out

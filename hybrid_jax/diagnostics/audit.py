@@ -15,9 +15,7 @@ import numpy as np
 from hybrid_jax._table import Table
 from hybrid_jax.diagnostics._common import dtype_label
 from hybrid_jax.diagnostics.dots import PASSES, HloDot, hlo_dots
-from hybrid_jax.precision import dtypes
-from hybrid_jax.precision.matmul import WEIGHT_NAMES
-from hybrid_jax.precision.rules import is_policy, policies_with_paths
+from hybrid_jax.precision import WEIGHT_NAMES, dtypes, is_policy, policies_with_paths
 
 
 def expected_from_plan(

@@ -3,7 +3,7 @@
 from hybrid_jax.losses.adaptive import DWA, DWAState, Uncertainty
 from hybrid_jax.losses.mixing import Mixer, PCGrad, Sum, gram_matrix, term_gradients
 from hybrid_jax.losses.terms import cross_entropy, lm_terms, z_loss
-from hybrid_jax.losses.weighting import Weighted, Weighting
+from hybrid_jax.losses.weighting import Weighted, Weighting, weighted_sum
 
 __all__ = [
     "DWA",
@@ -18,5 +18,6 @@ __all__ = [
     "gram_matrix",
     "lm_terms",
     "term_gradients",
+    "weighted_sum",
     "z_loss",
 ]

@@ -25,8 +25,13 @@ def leaf_dtype(x: Any) -> np.dtype | None:
         return None
 
 
-def is_float(x: Any) -> bool:
-    """Whether ``x`` is a floating-point (or complex) array; compound leaves are not."""
+def is_averaged(x: Any) -> bool:
+    """Whether mixing averages ``x``: a floating-point or complex array, or a Python float.
+
+    Wider than :func:`hybrid_jax.tree.is_float_leaf` on purpose: a weighted mean is as valid for
+    complex values and plain numbers as for real arrays, and nothing here casts them to a real
+    format. Compound leaves are taken whole, never averaged.
+    """
     if tree_lib.is_leaf(x):
         return False
     dtype = leaf_dtype(x)
@@ -127,6 +132,6 @@ def _leaf_difference(x: Any, y: Any, same_dtypes: bool) -> str | None:
         du, dv = leaf_dtype(u), leaf_dtype(v)
         if same_dtypes and du != dv:
             return f"dtype {du} vs {dv}"
-        if is_float(u) != is_float(v):
+        if is_averaged(u) != is_averaged(v):
             return f"dtype {du} vs {dv} (one is floating-point, the other not)"
     return None

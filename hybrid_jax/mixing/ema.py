@@ -16,7 +16,7 @@ from hybrid_jax.mixing._leaves import (
     compute_dtype,
     copy_leaf,
     flatten_matching,
-    is_float,
+    is_averaged,
     leaf_dtype,
 )
 
@@ -55,7 +55,7 @@ def ema_init(params: Any, dtype: Any = None) -> Any:
         dtype = _float_dtype(dtype, "ema_init(dtype=)")
 
     def init(x):
-        if is_float(x):
+        if is_averaged(x):
             return jnp.array(x, dtype=leaf_dtype(x) if dtype is None else dtype, copy=True)
         return copy_leaf(x)
 
@@ -156,7 +156,7 @@ def ema_update(
 
     out = []
     for e, p, leaf_decay in zip(ema_leaves, param_leaves, decays, strict=True):
-        if not is_float(e):
+        if not is_averaged(e):
             out.append(copy_leaf(p))
         elif leaf_decay is None:
             out.append(jnp.array(p, dtype=leaf_dtype(e), copy=True))

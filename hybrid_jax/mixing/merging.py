@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax import tree as tree_lib
-from hybrid_jax.mixing._leaves import compute_dtype, flatten_matching, is_float, leaf_dtype
+from hybrid_jax.mixing._leaves import compute_dtype, flatten_matching, is_averaged, leaf_dtype
 
 __all__ = ["interpolate", "merge"]
 
@@ -127,7 +127,7 @@ def interpolate(a: Any, b: Any, t: Any) -> Any:
     python_t = isinstance(t, numbers.Real) and not isinstance(t, bool)
 
     def mix(x, y):
-        if is_float(x):
+        if is_averaged(x):
             # t in the compute dtype before the jitted kernel: one compilation per leaf dtype
             # and shape, whether t came as an int, a float or an array.
             dtype = compute_dtype(leaf_dtype(x))

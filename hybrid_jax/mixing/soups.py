@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hybrid_jax.mixing._leaves import flatten_matching, is_float, leaf_dtype, tree_list, widen
+from hybrid_jax.mixing._leaves import flatten_matching, is_averaged, leaf_dtype, tree_list, widen
 
 __all__ = ["GreedySoupInfo", "greedy_soup", "uniform_soup"]
 
@@ -149,13 +149,13 @@ class _Mean:
 
     def __init__(self, first: list[Any], acc: list[Any] | None = None):
         self.first = first  # dtypes to cast back to; the non-floating leaves taken whole
-        self.acc = acc if acc is not None else [widen(x) if is_float(x) else x for x in first]
+        self.acc = acc if acc is not None else [widen(x) if is_averaged(x) else x for x in first]
 
     def add(self, leaves: list[Any], k: int) -> _Mean:
         """The means with ``leaves`` added as the ``k``-th tree."""
         acc = []
         for m, x, x0 in zip(self.acc, leaves, self.first, strict=True):
-            if not is_float(x0):
+            if not is_averaged(x0):
                 acc.append(m)
                 continue
             acc.append(_mean_step(m, x, k))
@@ -163,7 +163,7 @@ class _Mean:
 
     def leaves(self) -> list[Any]:
         return [
-            m.astype(leaf_dtype(x0)) if is_float(x0) else m
+            m.astype(leaf_dtype(x0)) if is_averaged(x0) else m
             for m, x0 in zip(self.acc, self.first, strict=True)
         ]
 

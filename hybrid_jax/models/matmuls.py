@@ -16,14 +16,17 @@ import jax
 from flax import nnx
 
 from hybrid_jax import tree as tree_lib
-from hybrid_jax.precision import dtypes, plan
-from hybrid_jax.precision.matmul import (
+from hybrid_jax.precision import (
     WEIGHT_NAMES,
+    Precision,
     dot_general_for,
+    dtypes,
     fp8_dot_general_delayed,
     fp8_meta,
+    is_policy,
+    plan,
+    policies_with_paths,
 )
-from hybrid_jax.precision.rules import Precision, is_policy, policies_with_paths
 
 FP8_SCALINGS = ("current", "delayed")
 

@@ -2,7 +2,7 @@
 
 from hybrid_jax.optim.by_path import DEFAULT_GROUP, by_path, describe, group_labels
 from hybrid_jax.optim.moments import MomentStorageState, adamw_8bit, with_moment_storage
-from hybrid_jax.optim.precision_aware import with_precision
+from hybrid_jax.optim.precision_aware import check_applied, with_precision
 from hybrid_jax.optim.recipes import (
     EMBEDDING,
     GAIN_OR_BIAS,
@@ -31,6 +31,7 @@ __all__ = [
     "MomentStorageState",
     "adamw_8bit",
     "by_path",
+    "check_applied",
     "describe",
     "frozen",
     "group_labels",

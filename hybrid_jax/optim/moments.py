@@ -22,7 +22,7 @@ import optax
 
 from hybrid_jax.optim._blockwise import BlockQuantized, check_block_size, quantize_blocks
 from hybrid_jax.optim._storage_specs import EIGHT_BIT, Spec, leaf_specs, make_spec
-from hybrid_jax.tree import key_str, path_str
+from hybrid_jax.tree import is_float_leaf, key_str, path_str
 
 _FIELDS = ("mu", "nu")
 
@@ -35,10 +35,6 @@ def _is_stored_leaf(x: Any) -> bool:
 def _is_moment_node(x: Any) -> bool:
     fields = getattr(type(x), "_fields", None)
     return isinstance(x, tuple) and fields is not None and any(f in fields for f in _FIELDS)
-
-
-def _is_float_array(x: Any) -> bool:
-    return isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(x.dtype, jnp.floating)
 
 
 def _map_moments(
@@ -181,7 +177,7 @@ def with_moment_storage(
 
     def encoder(step_key):
         def encode(field, spec, path, leaf):
-            if spec is None or not _is_float_array(leaf):
+            if spec is None or not is_float_leaf(leaf):
                 return leaf
             if isinstance(spec, str):  # the one string spec left after parsing: "8bit"
                 if leaf.size < min_size:
@@ -203,7 +199,7 @@ def with_moment_storage(
         del field, path
         if isinstance(leaf, BlockQuantized):
             return leaf.dequantize()
-        if spec is None or not _is_float_array(leaf):
+        if spec is None or not is_float_leaf(leaf):
             return leaf
         return leaf.astype(jnp.float32)
 

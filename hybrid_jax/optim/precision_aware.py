@@ -21,8 +21,7 @@ import optax
 from hybrid_jax import tree as tree_lib
 from hybrid_jax.optim.moments import with_moment_storage
 from hybrid_jax.optim.updates import low_precision_updates
-from hybrid_jax.precision import Policy, dtypes, plan
-from hybrid_jax.precision.rules import Precision, policies_with_paths
+from hybrid_jax.precision import Policy, Precision, dtypes, plan, policies_with_paths
 
 
 def _policies(params: Any, precision: Precision) -> tuple[list[Policy], Any]:

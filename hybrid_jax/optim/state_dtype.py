@@ -9,19 +9,16 @@ import jax.numpy as jnp
 import optax
 
 from hybrid_jax.precision import dtypes
+from hybrid_jax.tree import is_float_leaf
 
 
 def _cast_state(state: Any, dtype) -> Any:
     def cast(x):
-        if isinstance(x, jax.Array | jax.ShapeDtypeStruct) and jnp.issubdtype(
-            x.dtype, jnp.floating
-        ):
-            return (
-                x.astype(dtype)
-                if isinstance(x, jax.Array)
-                else jax.ShapeDtypeStruct(x.shape, dtype)
-            )
-        return x
+        if not is_float_leaf(x):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype)
+        return x.astype(dtype)
 
     return jax.tree_util.tree_map(cast, state)
 

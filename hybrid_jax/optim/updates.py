@@ -27,8 +27,7 @@ import numpy as np
 import optax
 
 from hybrid_jax import tree as tree_lib
-from hybrid_jax.precision import dtypes
-from hybrid_jax.precision.rounding import stochastic_round
+from hybrid_jax.precision import dtypes, stochastic_round
 
 MODES = ("nearest", "stochastic", "kahan", "master")
 # The dtypes that rounding modes act on; fp32 and fp64 leaves keep the inner updates as they are.

@@ -10,6 +10,7 @@ from hybrid_jax.precision.loss_scale import (
     select_tree,
 )
 from hybrid_jax.precision.matmul import (
+    WEIGHT_NAMES,
     dot_general_for,
     fp8_dot_general,
     fp8_dot_general_delayed,
@@ -30,13 +31,16 @@ from hybrid_jax.precision.rules import (
     cast_to_compute,
     cast_to_output,
     cast_to_param,
+    is_policy,
     plan,
+    policies_with_paths,
 )
 from hybrid_jax.precision.storage import Int8Weight
 
 __all__ = [
     "ACCEPTED_NAMES",
     "PRESETS",
+    "WEIGHT_NAMES",
     "DynamicLossScale",
     "Int8Weight",
     "LossScale",
@@ -56,8 +60,10 @@ __all__ = [
     "fp8_dot_general_delayed",
     "fp8_meta",
     "int8_dot_general",
+    "is_policy",
     "parse_dtype",
     "plan",
+    "policies_with_paths",
     "quantize",
     "quantize_dequantize",
     "select_tree",

@@ -6,7 +6,6 @@ import dataclasses
 from typing import Any, TypeVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax import tree as tree_lib
@@ -57,10 +56,6 @@ GRAMMAR = (
 )
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (np.ndarray, np.generic, jax.Array))
-
-
 def cast_floating(
     tree: T, dtype: np.dtype, carrier_dtype: np.dtype = dtypes.BFLOAT16, *, storage: bool = False
 ) -> T:
@@ -85,8 +80,10 @@ def cast_leaf(
         if storage and dtype == dtypes.INT8:
             return x
         return x.dequantize(carrier_dtype if dtype in dtypes.QUANTIZED else dtype)
-    if not (_is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)):
-        return x  # integers, booleans, Python scalars and None are left alone, as in jmp
+    if not tree_lib.is_float_leaf(x):
+        return x  # integers, booleans, complex, Python scalars and None are left alone, as in jmp
+    if isinstance(x, jax.ShapeDtypeStruct):  # an abstract leaf gets the abstract cast
+        return jax.eval_shape(lambda y: cast_leaf(y, dtype, carrier_dtype, storage=storage), x)
     if storage and dtype == dtypes.INT8:
         return Int8Weight.quantize(x)
     if dtype in dtypes.QUANTIZED:

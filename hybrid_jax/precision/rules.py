@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax import tree as tree_lib
@@ -106,7 +105,7 @@ class PrecisionRules:
         for (path, leaf), index in zip(flat, indices, strict=True):
             shape, leaf_dtype = tuple(np.shape(leaf)), np.dtype(leaf.dtype)
             policy = self._policy(index)
-            if jnp.issubdtype(leaf_dtype, jnp.floating) or isinstance(leaf, Int8Weight):
+            if tree_lib.is_float_leaf(leaf) or isinstance(leaf, Int8Weight):
                 names = [
                     dtypes.short_name(d)
                     for d in (policy.param_dtype, policy.compute_dtype, policy.output_dtype)

@@ -3,9 +3,12 @@
 from hybrid_jax.train.checkpoint import Checkpointer
 from hybrid_jax.train.guard import NonFiniteError, SkipGuard
 from hybrid_jax.train.sharding import (
+    batch_parts,
     batch_sharding,
     initialize_distributed,
     make_mesh,
+    parse_mesh,
+    replicated,
     shard_state,
     state_shardings,
 )
@@ -17,6 +20,7 @@ __all__ = [
     "NonFiniteError",
     "SkipGuard",
     "TrainState",
+    "batch_parts",
     "batch_sharding",
     "evaluate",
     "initialize_distributed",
@@ -24,6 +28,8 @@ __all__ = [
     "make_mesh",
     "make_train_step",
     "merge_frozen",
+    "parse_mesh",
+    "replicated",
     "shard_state",
     "split_frozen",
     "state_bytes",

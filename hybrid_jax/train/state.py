@@ -14,12 +14,7 @@ import optax
 from hybrid_jax import tree as tree_lib
 from hybrid_jax.losses import Weighted, Weighting
 from hybrid_jax.mixing import EMA
-from hybrid_jax.precision import LossScale, NoOpLossScale, cast_to_param
-from hybrid_jax.precision.rules import Precision
-
-
-def _trainable(leaf: Any) -> bool:
-    return isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+from hybrid_jax.precision import LossScale, NoOpLossScale, Precision, cast_to_param
 
 
 def split_frozen(params: Any) -> tuple[Any, Any]:
@@ -33,7 +28,7 @@ def split_frozen(params: Any) -> tuple[Any, Any]:
       ``(trainable, frozen)``; :func:`merge_frozen` puts them back together.
     """
     is_leaf = lambda x: x is None or tree_lib.is_leaf(x)
-    keep = lambda want: lambda x: x if _trainable(x) == want else None
+    keep = lambda want: lambda x: x if tree_lib.is_float_leaf(x) == want else None
     trainable = jax.tree_util.tree_map(keep(True), params, is_leaf=is_leaf)
     frozen = jax.tree_util.tree_map(keep(False), params, is_leaf=is_leaf)
     return trainable, frozen

@@ -19,19 +19,18 @@ import optax
 from jax.sharding import Mesh
 
 from hybrid_jax import tree as tree_lib
-from hybrid_jax.losses import Mixer, Sum, Weighting
-from hybrid_jax.losses.mixing import term_gradients
-from hybrid_jax.losses.weighting import weighted_sum
+from hybrid_jax.losses import Mixer, Sum, Weighting, term_gradients, weighted_sum
 from hybrid_jax.mixing import EMA
-from hybrid_jax.optim.precision_aware import check_applied
+from hybrid_jax.optim import check_applied
 from hybrid_jax.precision import (
     LossScale,
+    Precision,
     all_finite,
     cast_to_compute,
     plan,
+    policies_with_paths,
     select_tree,
 )
-from hybrid_jax.precision.rules import Precision, policies_with_paths
 from hybrid_jax.train.sharding import ShardedStep, replicated
 from hybrid_jax.train.state import TrainState, merge_frozen, split_frozen
 
@@ -58,7 +57,7 @@ def _check_param_dtypes(params: Any, policies: Any) -> None:
     for (path, leaf), policy in zip(
         tree_lib.leaves_with_paths(params)[0], flat_policies, strict=True
     ):
-        if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != policy.param_dtype:
+        if tree_lib.is_float_leaf(leaf) and leaf.dtype != policy.param_dtype:
             raise TypeError(
                 f"parameter {path!r} is stored as {leaf.dtype}, but its precision policy "
                 f"({policy}) keeps parameters in {policy.param_dtype}; create the state with "
