@@ -12,7 +12,7 @@ from typing import Any
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """The flags that decide a run's model, data, precision and optimizer (train, inspect)."""
     from hybrid_jax.app.config import LOSS_SCALES, OPTIMIZERS, RunConfig
-    from hybrid_jax.models.matmuls import FP8_SCALINGS
+    from hybrid_jax.models import FP8_SCALINGS
     from hybrid_jax.precision import PRESETS
 
     d = RunConfig()
@@ -274,13 +274,13 @@ def _keep_freed_memory() -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from hybrid_jax.app.loop import train
-    from hybrid_jax.train.guard import NonFiniteError
+    from hybrid_jax.train import NonFiniteError
 
     _keep_freed_memory()
     try:
         explicit = (args.coordinator, args.num_processes, args.process_id)
         if args.distributed or any(a is not None for a in explicit):
-            from hybrid_jax.train.sharding import initialize_distributed
+            from hybrid_jax.train import initialize_distributed
 
             initialize_distributed(*explicit)
         config = _run_config(args, min_lr=args.lr / 10)
