@@ -1,5 +1,6 @@
 """Runs in a subprocess with 8 CPU devices (tests/test_sharding.py): the same runs on one device
-and on meshes (8, 1), (4, 2) and (1, 8); prints one JSON object with what the parent checks.
+and on meshes (8, 1), (4, 2) and (1, 8), each built and compiled once; prints one JSON object
+with what the parent checks.
 
 Importing it does nothing (pytest's doctest collection imports every module).
 """
@@ -49,25 +50,10 @@ def _train(run, state, steps):
 
 
 def _gpt(meshes):
-    """20 steps of the GPT per mesh."""
-    from hybrid_jax.app.run import build
-
-    out = {}
-    for mesh in meshes:
-        run = build(_gpt_config(mesh))
-        state, losses = _train(run, run.state, range(20))
-        entry = {"losses": losses, "loss_scale": float(state.loss_scale.loss_scale)}
-        if mesh is not None:
-            entry["params"] = _specs(state.params)
-            entry["opt_state"] = _specs(state.opt_state)
-            entry["loss_scale_spec"] = _specs(state.loss_scale)
-        out[str(mesh)] = entry
-    return out
-
-
-def _resume_elsewhere():
-    """10 steps on (8, 1), a checkpoint, then steps 10-19 on (4, 2) after the restore that
-    `hybrid-jax train --resume --mesh ...` does (settings checked, leaves resharded)."""
+    """20 steps of the GPT per mesh; and the run on (8, 1) saves a checkpoint after 10 steps,
+    which (4, 2) restores as `hybrid-jax train --resume --mesh ...` does (settings checked,
+    leaves resharded) and trains on for steps 10-19. The resume reuses the meshes' runs: no
+    build or compile of its own."""
     import dataclasses
     import tempfile
 
@@ -75,18 +61,32 @@ def _resume_elsewhere():
     from hybrid_jax.app.run import build
     from hybrid_jax.train import Checkpointer
 
+    save_on, resume_on = "data=8", "data=4,fsdp=2"
+    assert meshes.index(save_on) < meshes.index(resume_on)
+    out, resume = {}, {}
     with tempfile.TemporaryDirectory() as folder:
-        first = build(_gpt_config("data=8"))
-        state, head = _train(first, first.state, range(10))
-        settings = dataclasses.asdict(first.config)
-        with Checkpointer(folder) as ckpt:
-            ckpt.save(state, meta={"settings": settings})
-        second = build(_gpt_config("data=4,fsdp=2"))
-        with Checkpointer(folder) as ckpt:
-            state, _ = _restore(ckpt, second.state, dataclasses.asdict(second.config))
-        restored_specs = _specs(state.params)
-        _, tail = _train(second, state, range(10, 20))
-    return {"losses": head + tail, "restored_params": restored_specs}
+        for mesh in meshes:
+            run = build(_gpt_config(mesh))
+            if mesh == resume_on:
+                with Checkpointer(folder) as ckpt:
+                    restored, _ = _restore(ckpt, run.state, dataclasses.asdict(run.config))
+                resume["restored_params"] = _specs(restored.params)
+                _, tail = _train(run, restored, range(10, 20))
+                resume["losses"] = resume.pop("head") + tail
+            state, losses = _train(run, run.state, range(10))
+            if mesh == save_on:
+                with Checkpointer(folder) as ckpt:
+                    ckpt.save(state, meta={"settings": dataclasses.asdict(run.config)})
+                resume["head"] = list(losses)
+            state, tail = _train(run, state, range(10, 20))
+            losses += tail
+            entry = {"losses": losses, "loss_scale": float(state.loss_scale.loss_scale)}
+            if mesh is not None:
+                entry["params"] = _specs(state.params)
+                entry["opt_state"] = _specs(state.opt_state)
+                entry["loss_scale_spec"] = _specs(state.loss_scale)
+            out[str(mesh)] = entry
+    return out, resume
 
 
 def _frozen_mixed(meshes):
@@ -221,7 +221,7 @@ def _errors():
 
 if __name__ == "__main__":
     meshes = [None, "data=8", "data=4,fsdp=2", "fsdp=8"]
-    parts = sys.argv[1:] or ["gpt", "resume", "frozen_mixed", "errors", "accumulation"]
+    parts = sys.argv[1:] or ["gpt", "frozen_mixed", "errors", "accumulation"]
     result = {}
     if "errors" in parts:
         result["errors"] = _errors()
@@ -229,8 +229,6 @@ if __name__ == "__main__":
         result["accumulation"] = _accumulation_collectives()
     if "frozen_mixed" in parts:
         result["frozen_mixed"] = _frozen_mixed(meshes)
-    if "gpt" in parts:
-        result["gpt"] = _gpt(meshes)
-    if "resume" in parts:
-        result["resume"] = _resume_elsewhere()
+    if "gpt" in parts:  # with the resume on another mesh
+        result["gpt"], result["resume"] = _gpt(meshes)
     print("RESULT " + json.dumps(result))

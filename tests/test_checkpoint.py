@@ -213,6 +213,8 @@ def _reference(recipe, shape):
 
 
 def test_killing_the_trainer_at_random_moments_of_its_saves_never_loses_or_corrupts(tmp_path):
+    # Over 10 s: eleven trainer processes, each about 2 s from start to its first save (the
+    # import of JAX and orbax; the train step comes from the test's compilation cache).
     # RELIABILITY row 6 (issue 8): SIGKILL a training process at random moments during its
     # checkpoint writes, 10 times; every time the latest complete checkpoint restores, bitwise
     # equal to an uninterrupted run at that step, and training resumes from it.
@@ -316,7 +318,10 @@ def test_a_state_saved_on_8_devices_restores_onto_1_device_and_a_4x2_mesh(tmp_pa
     script = _MESH_SCRIPT.format(tests=os.path.dirname(CHILD), folder=str(tmp_path))
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)],
-        env=_child_env(tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        env=_child_env(
+            tmp_path,
+            XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
+        ),
         capture_output=True,
         text=True,
         check=False,

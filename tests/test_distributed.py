@@ -6,6 +6,7 @@ In its own file so that pytest-xdist runs it beside tests/test_sharding.py's 8-d
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -33,7 +34,12 @@ def _two_processes(tmp_path, *extra: str) -> list[str]:
         "--eval-batches=1", "--no-progress", "--mesh=data=2", f"--out={tmp_path}",
         f"--coordinator=127.0.0.1:{_free_port()}", "--num-processes=2", *extra,
     ]  # fmt: skip
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device each
+    # One CPU device each: conftest.py's compiler flags, without any device count.
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", flags)
+    # The resuming processes load what the first two compiled from the suite's on-disk cache
+    # (conftest.py: JAX_COMPILATION_CACHE_DIR, every program cached).
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
     procs = [
         subprocess.Popen(
             [*command, f"--process-id={i}"],
@@ -52,6 +58,8 @@ def _two_processes(tmp_path, *extra: str) -> list[str]:
 
 
 def test_two_processes_on_loopback_save_resume_and_match_one_process(tmp_path):
+    # Over 10 s: four processes start, import JAX and join the run (about 7 s of CPU each, the
+    # resuming two loading their programs from the compilation cache), plus the 1-device run.
     # Steps 0-5, a checkpoint written by both processes, then two new processes resume it.
     _two_processes(tmp_path, "--steps=6")
     outputs = _two_processes(tmp_path, "--resume")

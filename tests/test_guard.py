@@ -118,7 +118,9 @@ _TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=16, eval_
 
 
 def test_fp16_run_with_50_injected_nonfinite_steps_ends_like_a_clean_run():
-    config = RunConfig(precision="fp16-mixed", steps=400, lr=1e-2, warmup_steps=20, **_TINY)
+    # Half _TINY's width and context: 800 steps in all, at a third of the time per step.
+    small = {**_TINY, "n_embd": 16, "block_size": 16, "batch_size": 8}
+    config = RunConfig(precision="fp16-mixed", steps=400, lr=1e-2, warmup_steps=20, **small)
     run = build(config)
     loss_scale = hj.DynamicLossScale(2.0**15, period=10)
 
@@ -138,8 +140,9 @@ def test_fp16_run_with_50_injected_nonfinite_steps_ends_like_a_clean_run():
     injected = set(np.random.default_rng(0).choice(np.arange(20, 300), 50, replace=False).tolist())
 
     def train(inject):
+        # A copy of the built state (the step donates what it is given): no second build.
         state = dataclasses.replace(
-            build(config).state, loss_scale=jax.tree.map(jnp.copy, loss_scale)
+            jax.tree.map(jnp.copy, run.state), loss_scale=jax.tree.map(jnp.copy, loss_scale)
         )
         skipped, scales, finite = [], [], []
         for t in range(config.steps):
@@ -161,7 +164,7 @@ def test_fp16_run_with_50_injected_nonfinite_steps_ends_like_a_clean_run():
     last = max(injected)
     assert scales[last] <= 2.0 and scales[-1] >= 2.0**8
     assert (np.diff(scales[last + 1 :]) >= 0).all()
-    # 50 of 400 updates lost, late in a decayed schedule: 0.11% measured; the issue asks 1%.
+    # 50 of 400 updates lost, late in a decayed schedule: 0.03% measured; the issue asks 1%.
     assert abs(loss - clean_loss) / clean_loss < 0.01
 
 

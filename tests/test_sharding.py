@@ -34,8 +34,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _env(devices: int | None = None) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if devices:  # after conftest.py's compiler flags, which the child keeps
+        flags = os.environ.get("XLA_FLAGS", "")
+        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     return env
 
 
@@ -115,6 +116,8 @@ def test_distributed_needs_all_three_arguments_or_none():
 
 @pytest.fixture(scope="module")
 def eight_devices():
+    # Over 10 s (about 13 s of CPU): one process builds and compiles the GPT's step on four
+    # device layouts and the MLP's on four more, then trains each; every test below reads it.
     result = subprocess.run(
         [sys.executable, os.path.join(HERE, "_mesh_child.py")],
         capture_output=True,
