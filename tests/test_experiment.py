@@ -118,6 +118,8 @@ def test_resume_refuses_a_checkpoint_of_other_settings(half, tmp_path):
 def test_low_precision_state_resumes_bit_identically(tmp_path):
     # Delayed fp8 histories, 8-bit moments with their rounding count, stochastic rounding:
     # everything the lean and fp8 recipes add to the state must survive a checkpoint.
+    # About 10 s: three trainings and a build of a recipe whose step no other test compiles
+    # (delayed fp8 with 8-bit moments); each train() samples and compiles its own programs.
     rules = json.dumps(
         {
             "rules": [["mlp/", "fp8-mixed"]],
