@@ -74,7 +74,7 @@ def _add_train(commands) -> None:
         "train",
         help="train the bundled GPT on Tiny Shakespeare (or --data)",
         description="Train a character-level GPT. Defaults: nanoGPT's CPU baby GPT, bf16-mixed "
-        "precision, Muon on hidden matrices and AdamW on the rest.",
+        "precision, Muon with weight decay on hidden matrices, Adam without on the rest.",
     )
     _add_run_flags(p)
     p.add_argument("--steps", type=int, default=d.steps, help="training steps (%(default)s)")

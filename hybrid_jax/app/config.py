@@ -2,7 +2,7 @@
 
 The defaults are nanoGPT's CPU "baby GPT" run (4 layers, 4 heads, 128 channels, context 64,
 batch 12, 2000 iterations, lr 1e-3 cosine to 1e-4 after 100 warm-up steps, no dropout), with
-bf16-mixed precision, Muon on the hidden matrices and AdamW on the rest.
+bf16-mixed precision, Muon on the hidden matrices and Adam on the rest.
 """
 
 from __future__ import annotations
