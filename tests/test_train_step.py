@@ -303,3 +303,11 @@ def test_a_policys_optimizer_keys_need_with_precision():
     step = make_train_step(terms, optimizer=plain, precision="bf16-pure")
     state, _ = step(TrainState.create(params, plain, precision="bf16-pure"), None)
     np.testing.assert_array_equal(state.params["w"], np.ones(4, jnp.bfloat16))
+
+
+def test_a_mixer_without_per_term_is_a_clear_error():
+    def mix(stacked, key=None):
+        return jax.tree.map(lambda g: g.sum(0), stacked)
+
+    with pytest.raises(TypeError, match="bool attribute per_term"):
+        make_train_step(_terms, optimizer=optax.sgd(0.1), mixer=mix)

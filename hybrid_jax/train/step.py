@@ -288,8 +288,9 @@ def make_train_step(
       ValueError: ``grad_accum`` is not a positive int; or, when the step is traced, the
         plan sets optimizer keys that ``optimizer`` does not apply, the state lacks the EMA
         parameters ``ema`` needs, or a per-term ``mixer`` meets delayed-scaling fp8 histories.
-      TypeError: when the step is traced, a parameter is not stored in its policy's param
-        dtype, or the state holds another kind of loss scale than ``loss_scale``.
+      TypeError: ``mixer`` has no bool ``per_term`` or cannot be called; or, when the step is
+        traced, a parameter is not stored in its policy's param dtype, or the state holds
+        another kind of loss scale than ``loss_scale``.
 
     Examples:
       >>> def loss_terms(params, batch, rng):
@@ -306,6 +307,11 @@ def make_train_step(
         raise ValueError(f"grad_accum must be a positive int, got {grad_accum!r}")
     weighting = weighting if weighting is not None else _UnitWeights()
     mixer = mixer if mixer is not None else Sum()
+    if not (callable(mixer) and isinstance(getattr(mixer, "per_term", None), bool)):
+        raise TypeError(
+            f"mixer must be a Mixer: callable on stacked per-term gradients, with a bool "
+            f"attribute per_term (False: one gradient of the weighted total); got {mixer!r}"
+        )
 
     def _check_state(state: TrainState) -> Any:
         """Trace-time checks of the state against the step; returns the precision plan."""
