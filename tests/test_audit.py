@@ -123,8 +123,8 @@ def test_a_layer_that_does_not_run_as_planned_is_flagged(bf16_step, fp8_step):
 def test_muon_dots_belong_to_the_optimizer(bf16_step):
     compiled, step_plan, _, _ = bf16_step
     rows = _rows(audit(compiled, expected_from_plan(step_plan)))
-    # JAX names Newton-Schulz products only by its own scopes (vmap()/closed_call), or not at
-    # all once XLA fuses them; what they read, Muon's momentum, says whose they are.
+    # What the Newton-Schulz products read, Muon's momentum, says they are the optimizer's; the
+    # `muon` name scope they run in names them.
     assert "closed_call" not in {r["layer"] for r in rows}
     optimizer = [r for r in rows if r["layer"] == "optimizer (muon)"]
     # Five iterations of three products for each of the four kernels Muon updates.

@@ -36,8 +36,9 @@ the operand dtypes do not, which is why the audit compares those.
 
 A dot outside every known layer that reads the optimizer state (an argument whose path names
 ``opt_state``, as :class:`~hybrid_jax.train.TrainState` and Optax's examples call it) belongs to
-the optimizer's update: Muon's Newton-Schulz products, whose ``op_name`` carries only the names
-of JAX's own scopes (``vmap()/closed_call``), or nothing once XLA has fused them.
+the optimizer's update, e.g. Muon's Newton-Schulz products: it is named after the name scope it
+ran in (``hybrid_jax.optim.muon`` opens ``muon``) or, without one, after the ``optax.partition``
+groups whose state it reads.
 """
 
 from __future__ import annotations
@@ -271,7 +272,7 @@ def hlo_dots(compiled: Any, layers: Iterable[str] | None = None) -> list[HloDot]
                 nodes = [(computation, o.name, chain) for o in operands]
                 optimizer = None
                 if layer not in layers:
-                    optimizer = _optimizer(arguments(nodes[0]) | arguments(nodes[1]))
+                    optimizer = _optimizer(arguments(nodes[0]) | arguments(nodes[1]), layer)
                 dots.append(
                     HloDot(
                         name=instruction.name,
@@ -293,12 +294,15 @@ def hlo_dots(compiled: Any, layers: Iterable[str] | None = None) -> list[HloDot]
     return dots
 
 
-def _optimizer(arguments: frozenset[str]) -> str | None:
-    """``"optimizer"``, or ``"optimizer (muon)"`` with the labels of the ``optax.partition``
-    groups whose state it reads, for a product that reads the optimizer state; else None."""
+def _optimizer(arguments: frozenset[str], scope: str | None) -> str | None:
+    """For a product that reads the optimizer state, ``"optimizer"`` followed by the name
+    scope it ran in (``"optimizer (muon)"``) or else the labels of the ``optax.partition``
+    groups whose state it reads; None for any other product."""
     state = [name for name in arguments if _OPT_STATE.search(name)]
     if not state:
         return None
+    if scope:
+        return f"optimizer ({scope})"
     labels = sorted({groups[-1] for name in state if (groups := _GROUP.findall(name))})
     return f"optimizer ({', '.join(labels)})" if labels else "optimizer"
 

@@ -2,6 +2,13 @@
 
 from hybrid_jax.optim.by_path import DEFAULT_GROUP, by_path, describe, group_labels
 from hybrid_jax.optim.moments import MomentStorageState, adamw_8bit, with_moment_storage
+from hybrid_jax.optim.muon import (
+    MuonState,
+    muon,
+    newton_schulz,
+    orthogonalize_by_shape,
+    scale_by_muon,
+)
 from hybrid_jax.optim.precision_aware import check_applied, with_precision
 from hybrid_jax.optim.recipes import (
     EMBEDDING,
@@ -29,6 +36,7 @@ __all__ = [
     "HEAD",
     "HIDDEN_MATRIX",
     "MomentStorageState",
+    "MuonState",
     "adamw_8bit",
     "by_path",
     "check_applied",
@@ -39,8 +47,12 @@ __all__ = [
     "layerwise_lr_decay",
     "low_precision_updates",
     "master_weights",
+    "muon",
     "muon_adamw",
     "muon_adamw_rules",
+    "newton_schulz",
+    "orthogonalize_by_shape",
+    "scale_by_muon",
     "scale_by_path",
     "stochastic_rounding",
     "with_moment_storage",

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import optax
 
 from hybrid_jax.optim.by_path import Rules, by_path
+from hybrid_jax.optim.muon import muon
 from hybrid_jax.tree import map_with_path
 
 Schedule = float | Callable[[int], float]
@@ -29,6 +30,8 @@ def muon_adamw_rules(
     b2: float = 0.99,
     muon_beta: float = 0.95,
     consistent_rms: float | None = 0.2,
+    ns_steps: int = 5,
+    ns_dtype=None,
     mu_dtype=None,
 ) -> list[tuple[str, optax.GradientTransformation]]:
     """The rules of :func:`muon_adamw`, to read, edit and pass to :func:`by_path`.
@@ -54,6 +57,8 @@ def muon_adamw_rules(
       b1, b2: Adam's moment decays.
       muon_beta: Muon's momentum.
       consistent_rms: Muon's update RMS target (``None``: Keller Jordan's width scaling).
+      ns_steps, ns_dtype: Muon's Newton-Schulz iterations and the dtype of their products'
+        inputs (:func:`~hybrid_jax.optim.muon.newton_schulz`).
       mu_dtype: dtype of the first moments (e.g. ``jnp.bfloat16``); see also
         :func:`~hybrid_jax.optim.with_state_dtype` for every moment.
 
@@ -80,11 +85,13 @@ def muon_adamw_rules(
         ),
         (
             HIDDEN_MATRIX,
-            optax.contrib.muon(
+            muon(
                 muon_lr,
                 beta=muon_beta,
                 weight_decay=weight_decay,
                 consistent_rms=consistent_rms,
+                ns_steps=ns_steps,
+                ns_dtype=ns_dtype,
                 mu_dtype=mu_dtype,
             ),
         ),
