@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from hybrid_jax.app import cli
-from hybrid_jax.app.config import RunConfig, load_precision
+from hybrid_jax.app.config import DEFAULT_LR, RunConfig, load_precision
 from hybrid_jax.app.loop import train
 from hybrid_jax.app.run import build
 from hybrid_jax.precision import Policy, PrecisionRules
@@ -80,9 +80,15 @@ def test_cli_train_runs_to_the_end_and_writes_its_outputs(straight, capsys, tmp_
     summary = json.loads((straight / "summary.json").read_text())
     for key in ("final_val_loss", "wall_time_s", "steps", "tokens_per_s", "settings"):
         assert key in summary
-    assert summary["steps"] == 12 and summary["settings"]["precision"] == "bf16-mixed"
+    # --precision auto (the default) resolved to fp32 on a CPU, and the summary says why.
+    assert summary["steps"] == 12 and summary["settings"]["precision"] == "fp32"
+    assert summary["precision_reason"].startswith("auto on cpu")
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
+    evaluations = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evaluations] == [6, 12]
+    # Every evaluation records the seconds since the run began (build and compile included).
+    assert 0 < evaluations[0]["elapsed_s"] < evaluations[1]["elapsed_s"] <= summary["wall_time_s"]
+    assert summary["evaluations"] == evaluations
     assert len([r for r in records if "loss" in r]) == 12
     assert [r for r in records if "val_loss" in r][-1]["val_loss"] == pytest.approx(
         summary["final_val_loss"]
@@ -100,6 +106,9 @@ def test_resumed_run_gives_the_same_parameters_as_an_uninterrupted_one(straight,
     shutil.copytree(half, parts)
     summary = train(_config(), parts, resume=True, **_QUIET)
     assert summary["steps"] == 12
+    # The evaluations before the stop are carried over, their clock continued.
+    elapsed = [e["elapsed_s"] for e in summary["evaluations"]]
+    assert [e["step"] for e in summary["evaluations"]] == [6, 12] and elapsed == sorted(elapsed)
     like = build(_config()).state
     with Checkpointer(straight / "checkpoints") as a, Checkpointer(parts / "checkpoints") as b:
         assert a.latest_step() == b.latest_step() == 12
@@ -109,8 +118,8 @@ def test_resumed_run_gives_the_same_parameters_as_an_uninterrupted_one(straight,
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(half, tmp_path):
-    with pytest.raises(ValueError, match=r"other settings \(lr=0.001\)"):
-        train(_config(lr=3e-3), half, resume=True, **_QUIET)
+    with pytest.raises(ValueError, match=r"other settings \(lr=0.003, min_lr=0.0003"):
+        train(_config(lr=1e-2), half, resume=True, **_QUIET)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(_config(), tmp_path / "new", resume=True, **_QUIET)
 
@@ -141,6 +150,39 @@ def test_low_precision_state_resumes_bit_identically(tmp_path):
         Checkpointer(tmp_path / "b" / "checkpoints") as b,
     ):
         chex.assert_trees_all_equal(a.restore(like)[0], b.restore(like)[0])
+
+
+def test_a_target_loss_stops_the_run_and_records_when(tmp_path):
+    # Any loss reaches 100: the run stops at its first evaluation, checkpointed.
+    summary = train(_config(target_loss=100.0), tmp_path, **_QUIET)
+    assert summary["steps"] == summary["step_at_target"] == 6
+    assert summary["target_loss"] == 100.0
+    assert summary["time_to_target_s"] == summary["evaluations"][0]["elapsed_s"] > 0
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.latest_step() == 6
+    with pytest.raises(ValueError, match="target_loss must be a loss > 0"):
+        _config(target_loss=0.0)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu", "cpu"])
+def test_auto_precision_is_bf16_mixed_on_accelerators_and_fp32_on_cpu(monkeypatch, backend):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    expected = "fp32" if backend == "cpu" else "bf16-mixed"
+    config, reason = RunConfig().resolved()
+    assert config.precision == expected and reason.startswith(f"auto on {backend}")
+    assert load_precision("auto") == Policy.parse(expected)
+    # An explicit precision is kept as it is.
+    config, reason = RunConfig(precision="bf16-mixed").resolved()
+    assert (config.precision, reason) == ("bf16-mixed", "as given")
+
+
+def test_learning_rates_default_per_optimizer():
+    # nanoGPT's 1e-3 for its AdamW recipe (the twin of nanoGPT's script); Muon + Adam's own.
+    twin, _ = RunConfig(optimizer="adamw").resolved()
+    assert (twin.lr, twin.min_lr) == (1e-3, 1e-4)
+    default, _ = RunConfig().resolved()
+    assert (default.lr, default.min_lr) == (DEFAULT_LR["muon_adamw"], DEFAULT_LR["muon_adamw"] / 10)
+    assert RunConfig(lr=2e-3, min_lr=0.0).resolved()[0].min_lr == 0.0  # given: kept
 
 
 def test_inline_json_rules_and_loss_scale_setting():

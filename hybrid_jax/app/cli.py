@@ -19,7 +19,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         default=d.precision,
-        help=f"preset ({', '.join(PRESETS)}), policy string, or JSON rules (a file or inline) "
+        help=f"auto (the fastest on this backend: bf16-mixed on GPU/TPU, fp32 on CPU), a preset "
+        f"({', '.join(PRESETS)}), a policy string, or JSON rules (a file or inline) "
         "(default: %(default)s)",
     )
     p.add_argument(
@@ -67,19 +68,31 @@ def _run_config(args: argparse.Namespace, **extra: Any):
 
 
 def _add_train(commands) -> None:
-    from hybrid_jax.app.config import RunConfig
+    from hybrid_jax.app.config import DEFAULT_LR, RunConfig
 
     d = RunConfig()
     p = commands.add_parser(
         "train",
         help="train the bundled GPT on Tiny Shakespeare (or --data)",
-        description="Train a character-level GPT. Defaults: nanoGPT's CPU baby GPT, bf16-mixed "
-        "precision, Muon with weight decay on hidden matrices, Adam without on the rest.",
+        description="Train a character-level GPT. Defaults: nanoGPT's CPU baby GPT, the "
+        "precision that is fastest on this backend, Muon with weight decay on hidden matrices, "
+        "Adam without on the rest.",
     )
     _add_run_flags(p)
     p.add_argument("--steps", type=int, default=d.steps, help="training steps (%(default)s)")
     p.add_argument(
-        "--lr", type=float, default=d.lr, help="peak learning rate, cosine to lr/10 (%(default)s)"
+        "--lr",
+        type=float,
+        default=None,
+        help="Adam's peak learning rate, cosine to lr/10 (default: "
+        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+        + "; Muon has --muon-lr)",
+    )
+    p.add_argument(
+        "--muon-lr",
+        type=float,
+        default=d.muon_lr,
+        help="Muon's peak learning rate (muon_adamw), on Adam's schedule (%(default)s)",
     )
     p.add_argument(
         "--eval-interval",
@@ -92,6 +105,19 @@ def _add_train(commands) -> None:
         type=int,
         default=d.eval_batches,
         help="fixed validation batches of 64 blocks (%(default)s)",
+    )
+    p.add_argument(
+        "--target-loss",
+        type=float,
+        default=None,
+        help="stop at the first evaluation whose validation loss is at or below this, and "
+        "record the time and step it took (summary.json: time_to_target_s, step_at_target)",
+    )
+    p.add_argument(
+        "--muon-ns-steps",
+        type=int,
+        default=d.muon_ns_steps,
+        help="Newton-Schulz iterations of Muon's orthogonalisation (%(default)s)",
     )
     p.add_argument("--out", default="out", help="output folder (%(default)s)")
     p.add_argument(
@@ -283,7 +309,7 @@ def _train(args: argparse.Namespace) -> int:
             from hybrid_jax.train import initialize_distributed
 
             initialize_distributed(*explicit)
-        config = _run_config(args, min_lr=args.lr / 10)
+        config = _run_config(args)
         train(
             config,
             args.out,

@@ -1,8 +1,9 @@
 """What decides a run's result: :class:`RunConfig`, the precision it names and its optimizer.
 
 The defaults are nanoGPT's CPU "baby GPT" run (4 layers, 4 heads, 128 channels, context 64,
-batch 12, 2000 iterations, lr 1e-3 cosine to 1e-4 after 100 warm-up steps, no dropout), with
-bf16-mixed precision, Muon on the hidden matrices and Adam on the rest.
+batch 12, 2000 iterations, no dropout), with Muon on the hidden matrices and Adam on the rest,
+warm-up and cosine decay to a tenth, and the precision that is fastest on the backend
+(:func:`auto_precision`).
 """
 
 from __future__ import annotations
@@ -22,14 +23,44 @@ from hybrid_jax.precision import Policy, PrecisionRules
 from hybrid_jax.train import parse_mesh
 
 OPTIMIZERS = ("muon_adamw", "adamw")
+#: Adam's peak learning rate when ``RunConfig.lr`` is None: nanoGPT's for its AdamW recipe; for
+#: Muon + Adam, where Adam trains only embeddings, gains and biases, the best of
+#: ``benchmarks/schedule_sweep.py`` (final val loss 1.609 against 1.616 at 1e-3).
+DEFAULT_LR = {"adamw": 1e-3, "muon_adamw": 3e-3}
 LOSS_SCALES = ("auto", "dynamic", "none")
+AUTO = "auto"
+
+
+def auto_precision(backend: str | None = None) -> tuple[str, str]:
+    """The preset ``--precision auto`` stands for on ``backend`` (default: JAX's), and why.
+
+    bf16-mixed on GPUs and TPUs, whose matrix units multiply bf16 at several times the fp32
+    rate; fp32 on CPUs. XLA:CPU (jaxlib 0.10) runs a bf16 dot natively only when its output is
+    fp32 and both operands are laid out for it (its YNNPACK path): a bf16-mixed model's dots,
+    with bf16 outputs and transposed operands in the backward pass, are converted to fp32
+    around the dot instead, and bf16-mixed steps cost about 1.18x fp32 steps, at no gain in loss.
+    No XLA:CPU flag changes that (oneDNN, XNNPACK and the fusion types were measured).
+
+    Examples:
+      >>> auto_precision("tpu")[0], auto_precision("cpu")[0]
+      ('bf16-mixed', 'fp32')
+    """
+    backend = backend or jax.default_backend()
+    if backend == "cpu":
+        return "fp32", (
+            "auto on cpu: XLA:CPU converts bf16 matmuls to fp32 around the dot, so bf16-mixed "
+            "steps are slower than fp32 at no gain in loss"
+        )
+    return "bf16-mixed", (
+        f"auto on {backend}: bf16 matmuls run natively, fp32 master weights keep the updates"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything that decides a run's result; saved with its checkpoints and summary."""
 
-    precision: str = "bf16-mixed"
+    precision: str = AUTO
     optimizer: str = "muon_adamw"
     steps: int = 2000
     batch_size: int = 12
@@ -37,9 +68,10 @@ class RunConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    lr: float = 1e-3
-    min_lr: float = 1e-4
+    lr: float | None = None  # None: DEFAULT_LR[optimizer]
+    min_lr: float | None = None  # None: lr / 10
     muon_lr: float = 1e-2
+    muon_ns_steps: int = 5
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -56,6 +88,7 @@ class RunConfig:
     eval_ema: bool = False
     mesh: str | None = None
     max_skips: int = 20
+    target_loss: float | None = None
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -83,17 +116,35 @@ class RunConfig:
             "eval_batches",
             "eval_batch_size",
             "max_skips",
+            "muon_ns_steps",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.target_loss is not None and not self.target_loss > 0:
+            raise ValueError(f"target_loss must be a loss > 0, got {self.target_loss}")
+
+    def resolved(self) -> tuple[RunConfig, str]:
+        """This config with its defaults that depend on others filled in (``lr`` from
+        :data:`DEFAULT_LR`, ``min_lr = lr / 10``, ``precision="auto"`` by
+        :func:`auto_precision`), and why the precision is what it is."""
+        lr = DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+        min_lr = lr / 10 if self.min_lr is None else self.min_lr
+        config = dataclasses.replace(self, lr=lr, min_lr=min_lr)
+        if self.precision != AUTO:
+            return config, "as given"
+        preset, reason = auto_precision()
+        return dataclasses.replace(config, precision=preset), reason
 
 
 def load_precision(spec: str) -> Policy | PrecisionRules:
-    """A preset or policy string, the path of a JSON rules file, or the JSON itself.
+    """A preset or policy string, ``"auto"`` (:func:`auto_precision`), the path of a JSON
+    rules file, or the JSON itself.
 
     Rules in JSON are ``{"rules": [[pattern, policy], ...], "default": policy}`` (``default``
     optional), e.g. ``{"rules": [["embed|ln_", "fp32"]], "default": "bf16-mixed"}``.
     """
+    if spec == AUTO:
+        spec = auto_precision()[0]
     inline = spec.lstrip().startswith("{")
     if inline or os.path.isfile(spec):
         where = "inline precision rules" if inline else f"precision rules file {spec!r}"
@@ -124,6 +175,7 @@ def build_optimizer(
     """Gradient clipping, then AdamW (nanoGPT's recipe) or Muon + AdamW, on a cosine schedule;
     with ``precision``, :func:`~hybrid_jax.optim.with_precision` applies its policies' optimizer
     keys (master, grad, mu, nu, update) leaf by leaf."""
+    config, _ = config.resolved()
     schedule = optax.warmup_cosine_decay_schedule(
         0.0,
         config.lr,
@@ -141,7 +193,10 @@ def build_optimizer(
         # Muon follows the same warm-up and cosine, scaled to its own peak.
         muon_schedule = lambda step: schedule(step) * (config.muon_lr / config.lr)
         inner = muon_adamw(
-            schedule, muon_learning_rate=muon_schedule, weight_decay=config.weight_decay
+            schedule,
+            muon_learning_rate=muon_schedule,
+            weight_decay=config.weight_decay,
+            ns_steps=config.muon_ns_steps,
         )
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), inner)
     # A policy without optimizer keys leaves the transformation as it is.

@@ -37,9 +37,8 @@ from hybrid_jax.train import (
 )
 
 # The validation loss nanoGPT's baby GPT reaches in 2000 steps: the summary records when a run
-# first gets there.
+# first gets there, and how long it took.
 _NANOGPT_VAL_LOSS = 1.88
-_FIRST_AT_NANOGPT = "first_step_val_loss_le_1.88"
 
 
 def train(
@@ -73,9 +72,12 @@ def train(
     Returns:
       The summary: ``final_val_loss``, ``wall_time_s``, ``steps``, ``tokens_per_s``, ...
     """
+    start = time.perf_counter()  # time to a loss counts building and compiling too
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     run = build(config)
+    log(f"precision {run.config.precision}: {run.precision_reason}")
+    config = run.config  # "auto" resolved: resuming on another backend is a changed setting
     # Every process runs the same steps; the first one alone writes files and prints.
     main = jax.process_index() == 0
     if not main:
@@ -83,21 +85,27 @@ def train(
     state, val_loss = run.state, float("nan")
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(Checkpointer(os.path.join(out, "checkpoints")))
-        journal = stack.enter_context(_Journal(config, out if main else None, append=resume))
+        journal = stack.enter_context(
+            _Journal(config, out if main else None, append=resume, start=start)
+        )
         if resume:
             state, meta = _restore(ckpt, state, journal.settings)
             journal.carry_over(meta)
             log(f"resumed from step {int(state.step)} in {ckpt.directory}")
         first = int(jax.device_get(state.step))
         interrupt = stack.enter_context(_interrupt_flag())
-        bar = stack.enter_context(ProgressBar(progress, first, config.steps, log))
+        bar = stack.enter_context(
+            ProgressBar(progress, first, config.steps, log, target=config.target_loss)
+        )
         guard = SkipGuard(config.max_skips, min_loss_scale=_floor(state.loss_scale))
         timer = Throughput(config.batch_size * config.block_size)
 
-        t, previous = first, None  # previous: (t - 1, its metrics), read after step t's dispatch
-        while t < config.steps or previous is not None:
+        # previous: (t - 1, its metrics), read after step t's dispatch. end: config.steps, or
+        # the step at which the validation loss reached config.target_loss.
+        t, previous, end = first, None, config.steps
+        while t < end or previous is not None:
             current = None
-            if t < config.steps:
+            if t < end:
                 state, metrics = run.step(state, _train_batch(run, t))
                 current = (t, metrics)
             if previous is not None:
@@ -118,9 +126,12 @@ def train(
             if t % config.eval_interval == 0 or t == config.steps:
                 with timer.paused():
                     val_loss = _validation_loss(run, state)
-                journal.evaluated(t, val_loss)
-                bar.note(f"step {t}: val loss {val_loss:.4f}")
+                elapsed = journal.evaluated(t, val_loss)
+                bar.evaluated(t, val_loss, elapsed)
                 _save(ckpt, state, journal)
+                if config.target_loss is not None and val_loss <= config.target_loss:
+                    bar.note(f"val loss {val_loss:.4f} <= target {config.target_loss}: stopping")
+                    end = t
             if interrupt["stop"]:
                 _save(ckpt, state, journal)
                 ckpt.wait()
@@ -131,11 +142,12 @@ def train(
                 raise KeyboardInterrupt
         jax.block_until_ready(state)
         tokens_per_s = timer.rate()
-        if first >= config.steps:  # nothing left to train: evaluate what was restored
+        if first >= end:  # nothing left to train: evaluate what was restored
             val_loss = _validation_loss(run, state)
         _save(ckpt, state, journal)
 
-    summary = journal.summary(val_loss, tokens_per_s)
+    summary = journal.summary(val_loss, tokens_per_s, int(jax.device_get(state.step)))
+    summary["precision_reason"] = run.precision_reason
     if main:
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -152,6 +164,12 @@ def train(
         f"wall time {summary['wall_time_s']:.1f} s, {summary['tokens_per_s']:,.0f} tokens/s, "
         f"{summary['skipped_steps']} skipped steps"
     )
+    if config.target_loss is not None:
+        at, seconds = summary["step_at_target"], summary["time_to_target_s"]
+        log(
+            f"target val loss {config.target_loss}: "
+            + ("not reached" if at is None else f"reached at step {at}, {seconds:.1f} s")
+        )
     log(f"final val loss {val_loss:.4f}")
     return summary
 
@@ -177,15 +195,15 @@ def _save(ckpt: Checkpointer, state: TrainState, journal: _Journal) -> None:
 
 class _Journal:
     """What a run writes down: ``metrics.jsonl``, and the counters a resumed run carries over
-    from its checkpoint (wall time, skipped steps, the first step at nanoGPT's loss)."""
+    from its checkpoint (wall time, skipped steps, every evaluation with its elapsed time)."""
 
-    def __init__(self, config: RunConfig, out: str | None, *, append: bool):
+    def __init__(self, config: RunConfig, out: str | None, *, append: bool, start: float):
         self.config = config
         self.settings = dataclasses.asdict(config)
         self._path = os.path.join(out, "metrics.jsonl") if out else os.devnull
         self._mode = "a" if append else "w"
-        self._start = time.perf_counter()
-        self._carried = {"wall_time_s": 0.0, "skipped_steps": 0, _FIRST_AT_NANOGPT: None}
+        self._start = start
+        self._carried = {"wall_time_s": 0.0, "skipped_steps": 0, "evaluations": []}
 
     def __enter__(self) -> _Journal:
         self._file = open(self._path, self._mode, encoding="utf-8")
@@ -208,10 +226,12 @@ class _Journal:
         self.record({"step": t + 1, **host})
         return host
 
-    def evaluated(self, step: int, val_loss: float) -> None:
-        self.record({"step": step, "val_loss": val_loss})
-        if self._carried[_FIRST_AT_NANOGPT] is None and val_loss <= _NANOGPT_VAL_LOSS:
-            self._carried[_FIRST_AT_NANOGPT] = step
+    def evaluated(self, step: int, val_loss: float) -> float:
+        """Writes down an evaluation with the run's elapsed seconds, which it returns."""
+        entry = {"step": step, "val_loss": val_loss, "elapsed_s": round(self.wall_time(), 3)}
+        self._carried["evaluations"].append(entry)
+        self.record(entry)
+        return entry["elapsed_s"]
 
     def wall_time(self) -> float:
         return self._carried["wall_time_s"] + time.perf_counter() - self._start
@@ -219,14 +239,32 @@ class _Journal:
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"settings": self.settings, **self._carried, "wall_time_s": self.wall_time()}
 
-    def summary(self, val_loss: float, tokens_per_s: float) -> dict[str, Any]:
-        return {
+    def first_at(self, loss: float) -> tuple[int | None, float | None]:
+        """The step and elapsed seconds of the first evaluation at or below ``loss``."""
+        for entry in self._carried["evaluations"]:
+            if entry["val_loss"] <= loss:
+                return entry["step"], entry["elapsed_s"]
+        return None, None
+
+    def summary(self, val_loss: float, tokens_per_s: float, steps: int) -> dict[str, Any]:
+        nanogpt_step, nanogpt_s = self.first_at(_NANOGPT_VAL_LOSS)
+        summary = {
             "final_val_loss": val_loss,
             "wall_time_s": self.wall_time(),
-            "steps": self.config.steps,
+            "steps": steps,
             "tokens_per_s": tokens_per_s,
             "skipped_steps": self._carried["skipped_steps"],
-            _FIRST_AT_NANOGPT: self._carried[_FIRST_AT_NANOGPT],
+            f"first_step_val_loss_le_{_NANOGPT_VAL_LOSS}": nanogpt_step,
+            f"time_to_val_loss_{_NANOGPT_VAL_LOSS}_s": nanogpt_s,
+        }
+        if self.config.target_loss is not None:
+            step, seconds = self.first_at(self.config.target_loss)
+            summary.update(
+                target_loss=self.config.target_loss, step_at_target=step, time_to_target_s=seconds
+            )
+        return {
+            **summary,
+            "evaluations": self._carried["evaluations"],
             "backend": jax.default_backend(),
             "device_kind": jax.devices()[0].device_kind,
             "devices": jax.device_count(),
@@ -319,9 +357,9 @@ def _restore(ckpt: Checkpointer, like: TrainState, settings: dict) -> tuple[Trai
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.directory}")
     meta = ckpt.meta()  # settings first: their message says more than a shape mismatch
-    # A run may go on for more steps, on another mesh (the restore reshards it), or with
-    # another patience for skipped steps.
-    free = ("steps", "mesh", "max_skips")
+    # A run may go on for more steps, on another mesh (the restore reshards it), with another
+    # patience for skipped steps, or towards another target loss.
+    free = ("steps", "mesh", "max_skips", "target_loss")
     saved = {k: v for k, v in meta.get("settings", {}).items() if k not in free}
     mine = {k: v for k, v in settings.items() if k not in free}
     if saved != mine:

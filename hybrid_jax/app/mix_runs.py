@@ -42,8 +42,9 @@ VAL_SET_SETTINGS = ("data", "block_size", "seed", "eval_batches", "eval_batch_si
 
 
 def _settings(folder: str) -> RunConfig:
+    """The run's settings, resolved (``auto``, default learning rates) as training saves them."""
     with Checkpointer(os.path.join(folder, "checkpoints")) as ckpt:
-        return RunConfig(**ckpt.meta()["settings"])
+        return RunConfig(**ckpt.meta()["settings"]).resolved()[0]
 
 
 def _restore_params(folder: str, config: RunConfig) -> tuple[Any, Any]:

@@ -34,10 +34,20 @@ class Throughput:
 
 
 class ProgressBar:
-    """A rich progress bar showing the loss and tokens/s; without it, notes go to ``log``."""
+    """A rich progress bar showing the loss, tokens/s, the last validation loss and when the
+    target loss was reached; without it, notes go to ``log``."""
 
-    def __init__(self, enabled: bool, first: int, total: int, log: Callable[[str], None]):
-        self._bar, self._log = None, log
+    def __init__(
+        self,
+        enabled: bool,
+        first: int,
+        total: int,
+        log: Callable[[str], None],
+        *,
+        target: float | None = None,
+    ):
+        self._bar, self._log, self._target = None, log, target
+        self._val, self._reached = "", ""
         if enabled:
             from rich.progress import (
                 BarColumn,
@@ -67,9 +77,15 @@ class ProgressBar:
 
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self._bar:
-            self._bar.update(
-                self._task, completed=step, info=f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s"
-            )
+            info = f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s{self._val}{self._reached}"
+            self._bar.update(self._task, completed=step, info=info)
+
+    def evaluated(self, step: int, val_loss: float, elapsed_s: float) -> None:
+        """Notes an evaluation; the first at or below the target stays on the bar."""
+        self._val = f"  val {val_loss:.4f}"
+        if self._target is not None and not self._reached and val_loss <= self._target:
+            self._reached = f"  target {self._target} at step {step}, {elapsed_s:.0f} s"
+        self.note(f"step {step}: val loss {val_loss:.4f} ({elapsed_s:.1f} s)")
 
     def note(self, text: str) -> None:
         if self._bar:

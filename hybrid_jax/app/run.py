@@ -40,7 +40,8 @@ class Run:
     """What :func:`build` sets up: the model, data, state and jitted functions of a run.
 
     Attributes:
-      config: the settings it was built from.
+      config: the settings it was built from, with ``precision="auto"`` resolved.
+      precision_reason: why the precision is what it is (``"as given"`` unless it was auto).
       tokenizer: the corpus' character tokenizer.
       graphdef: the GPT's ``nnx.GraphDef``; ``nnx.merge(graphdef, params, fp8_meta)`` rebuilds it.
       state: the initial :class:`~hybrid_jax.train.TrainState` (sharded when there is a mesh).
@@ -57,6 +58,7 @@ class Run:
     """
 
     config: RunConfig
+    precision_reason: str
     tokenizer: data_lib.CharTokenizer
     graphdef: nnx.GraphDef
     state: TrainState
@@ -80,6 +82,7 @@ def build(config: RunConfig) -> Run:
     step runs data-parallel and FSDP; across processes too, after
     :func:`~hybrid_jax.train.sharding.initialize_distributed`.
     """
+    config, precision_reason = config.resolved()
     mesh = None if config.mesh is None else make_mesh(config.mesh)
     if mesh is not None:
         parts = batch_parts(mesh)
@@ -139,6 +142,7 @@ def build(config: RunConfig) -> Run:
     sample = lambda key: data_lib.sample_batch(train_tokens, key, batch_size, block_size)
     return Run(
         config=config,
+        precision_reason=precision_reason,
         tokenizer=tokenizer,
         graphdef=graphdef,
         state=state,
