@@ -59,6 +59,7 @@ def test_bench_writes_results_json_csv_and_plots(bench_out):
         assert row["backend"] == "cpu" and row["device_kind"]
         assert row["timed_steps"] == 2  # 4 steps, 2 warm-up steps left out
         assert [step for step, _ in row["val_loss_curve"]] == [0, 4]
+        assert row["eval_elapsed_s"][0] == 0 < row["eval_elapsed_s"][1]
     assert rows[0]["step_time_ratio_vs_fp32"] == 1.0 and rows[0]["val_loss_gap_pct"] == 0.0
     assert rows[0]["state_bytes_per_param"] == pytest.approx(12.0, abs=0.01)  # fp32 AdamW
 

@@ -175,12 +175,21 @@ class _Entry:
     times: list[float] = dataclasses.field(default_factory=list)
     skipped: int = 0
     curve: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    # The recipe's own seconds, its steps and evaluations (not compiling), at each curve point.
+    elapsed: list[float] = dataclasses.field(default_factory=list)
+    clock: float = 0.0
     finite: bool = True
 
 
-def _evaluate(entry: _Entry) -> float:
+def _evaluate(entry: _Entry, step: int) -> None:
+    """Adds the validation loss at ``step`` to the curve, with the recipe's clock."""
     run, state = entry.run, entry.state
-    return evaluate(run.eval_step, state.params, run.val_set, state.fp8_meta)["lm"]
+    start = time.perf_counter()
+    loss = evaluate(run.eval_step, state.params, run.val_set, state.fp8_meta)["lm"]
+    if step:  # the loss before training is a reference point, not part of training
+        entry.clock += time.perf_counter() - start
+    entry.curve.append((step, loss))
+    entry.elapsed.append(entry.clock)
 
 
 def _prepare(recipe: Recipe, base: RunConfig, log: Callable[[str], None]) -> _Entry:
@@ -197,7 +206,7 @@ def _prepare(recipe: Recipe, base: RunConfig, log: Callable[[str], None]) -> _En
     compiled = run.step.lower(run.state, batch).compile()
     compile_s = time.perf_counter() - start
     entry = _Entry(recipe, run, run.state, compiled, compile_s, compiled.memory_analysis())
-    entry.curve.append((0, _evaluate(entry)))
+    _evaluate(entry, 0)
     log(f"  {recipe.name}: compiled in {compile_s:.1f} s")
     return entry
 
@@ -231,6 +240,7 @@ def _row(entry: _Entry, base: RunConfig, reference: dict | None) -> dict[str, An
         "precision": entry.recipe.precision,
         "description": entry.recipe.description,
         "val_loss_curve": entry.curve,
+        "eval_elapsed_s": entry.elapsed,
     }
     reference = reference or row  # fp32 is its own reference: ratio 1, gap 0
     row["step_time_ratio_vs_fp32"] = row["step_time_ms"] / reference["step_time_ms"]
@@ -254,8 +264,9 @@ def compare(
       log: where progress lines go.
 
     Returns:
-      One dict per recipe with the columns of :data:`CSV_COLUMNS` and ``val_loss_curve``
-      (``[(step, val_loss), ...]``).
+      One dict per recipe with the columns of :data:`CSV_COLUMNS`, ``val_loss_curve``
+      (``[(step, val_loss), ...]``) and ``eval_elapsed_s`` (the recipe's own seconds of steps
+      and evaluations, compilation left out, at each point of the curve).
     """
     if not recipes or recipes[0].name != "fp32":
         raise ValueError("the first recipe must be fp32, the reference (use parse_recipes)")
@@ -273,13 +284,14 @@ def compare(
             entry.state, metrics = entry.step(entry.state, batch)
             jax.block_until_ready(entry.state)
             entry.times.append(time.perf_counter() - start)
+            entry.clock += entry.times[-1]
             metrics = jax.device_get(metrics)
             entry.skipped += int(metrics["skipped"])
             entry.finite = entry.finite and bool(np.isfinite(metrics["loss"]))
         done = t + 1
         if done % base.eval_interval == 0 or done == base.steps:
             for entry in entries:
-                entry.curve.append((done, _evaluate(entry)))
+                _evaluate(entry, done)
             log(
                 f"  step {done}: "
                 + ", ".join(f"{e.recipe.name} {e.curve[-1][1]:.3f}" for e in entries)
