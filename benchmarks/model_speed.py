@@ -1,11 +1,14 @@
-"""Speed of the GPT: forward, forward+backward, AdamW update, and the three in one step.
+"""Speed of the GPT: forward, forward+backward, optimizer updates, and all in one step.
 
 The model is split once (``nnx.split``); every timed function is a plain ``jax.jit`` over pure
 pytrees that merges inside, as a train step does. For ``bf16-mixed`` the fp32 master
 parameters are cast with ``hybrid_jax.cast_to_compute`` inside the jitted function and the
 gradients are taken with respect to the fp32 masters. The loss is
 ``hybrid_jax.losses.cross_entropy``; the optimizer is nanoGPT's AdamW (lr 1e-3, betas
-(0.9, 0.99), weight decay 0.1). All variants run interleaved, after warm-up, with
+(0.9, 0.99), weight decay 0.1). The two ``muon_adamw update`` cases are the default run's
+optimizer alone (Adam on embeddings and gains, Muon on the hidden matrices) with Optax's Muon,
+which orthogonalises leaf by leaf, and with ``hj.optim.muon``, which batches equal shapes; the
+``eval batch`` case is one of ``hybrid-jax train``'s 25 validation batches. All variants run interleaved, after warm-up, with
 ``block_until_ready``; the table gives the median and 10th percentile of the wall time per call
 (the machine may be shared: compare ratios within one run), the compile time, XLA's temporary
 buffer and the minor page faults per call.
@@ -103,6 +106,23 @@ def build(args):
             jax.jit(adamw, donate_argnums=(0, 1)), (params, tx.init(params)), (grads,)
         )
     }
+    # Muon + Adam as `hybrid-jax train` builds it, with Optax's leaf-by-leaf Muon and ours.
+    for name, muon in (
+        ("optax.contrib.muon", optax.contrib.muon),
+        ("hj.optim.muon", hj.optim.muon),
+    ):
+        (adam_rule, adam), (hidden, _) = hj.optim.muon_adamw_rules(3e-3, muon_learning_rate=1e-2)
+        rules = [(adam_rule, adam), (hidden, muon(1e-2, weight_decay=0.1, consistent_rms=0.2))]
+        muon_tx = hj.optim.by_path(rules)
+
+        def update(params, opt_state, grads, muon_tx=muon_tx):
+            with jax.numpy_dtype_promotion("standard"):  # Optax's `beta ** count`
+                updates, opt_state = muon_tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        cases[f"muon_adamw update ({name})"] = Case(
+            jax.jit(update, donate_argnums=(0, 1)), (params, muon_tx.init(params)), (grads,)
+        )
     for precision in PRECISIONS:
         for prefix, logits_fn in models(precision):
 
@@ -116,6 +136,11 @@ def build(args):
 
             tag = f"{prefix}{precision}"
             cases[f"{tag} forward"] = Case(jax.jit(logits_fn), (), (params, x))
+            if not prefix:  # one of hybrid-jax train's 25 validation batches: 64 x context
+                x_eval = jnp.tile(x, (64 // args.batch_size + 1, 1))[:64]
+                cases[f"{tag} eval batch (64 x {args.block_size})"] = Case(
+                    jax.jit(logits_fn), (), (params, x_eval)
+                )
             cases[f"{tag} fwd+bwd"] = Case(jax.jit(jax.value_and_grad(loss)), (), (params, x, y))
             cases[f"{tag} step"] = Case(
                 jax.jit(step, donate_argnums=(0, 1)), (params, tx.init(params)), (x, y)
