@@ -8,8 +8,9 @@ gradients are taken with respect to the fp32 masters. The loss is
 (0.9, 0.99), weight decay 0.1). The two ``muon_adamw update`` cases are the default run's
 optimizer alone (Adam on embeddings and gains, Muon on the hidden matrices) with Optax's Muon,
 which orthogonalises leaf by leaf, and with ``hj.optim.muon``, which batches equal shapes; the
-``eval batch`` case is one of ``hybrid-jax train``'s 25 validation batches. All variants run interleaved, after warm-up, with
-``block_until_ready``; the table gives the median and 10th percentile of the wall time per call
+``eval batch`` case is one of ``hybrid-jax train``'s 25 validation batches. All variants run
+interleaved, after warm-up, with ``block_until_ready``; the table gives the median and 10th
+percentile of the wall time per call
 (the machine may be shared: compare ratios within one run), the compile time, XLA's temporary
 buffer and the minor page faults per call.
 
