@@ -10,9 +10,8 @@ optimizer alone (Adam on embeddings and gains, Muon on the hidden matrices) with
 which orthogonalises leaf by leaf, and with ``hj.optim.muon``, which batches equal shapes; the
 ``eval batch`` case is one of ``hybrid-jax train``'s 25 validation batches. All variants run
 interleaved, after warm-up, with ``block_until_ready``; the table gives the median and 10th
-percentile of the wall time per call
-(the machine may be shared: compare ratios within one run), the compile time, XLA's temporary
-buffer and the minor page faults per call.
+percentile of the wall time per call (the machine may be shared: compare ratios within one
+run), the compile time, XLA's temporary buffer and the minor page faults per call.
 
 ``--textbook`` adds the same network written the obvious way (``jax.nn.gelu``, LayerNorm and
 softmax attention differentiated by autodiff), to show what the model's closed-form derivatives
