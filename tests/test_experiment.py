@@ -254,3 +254,20 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     with Checkpointer(tmp_path / "checkpoints") as ckpt:
         step = ckpt.latest_step()
     assert step is not None and step >= 1
+
+
+def test_the_progress_bar_keeps_when_the_target_was_reached():
+    from hybrid_jax.app.progress import ProgressBar
+
+    lines = []
+    with ProgressBar(True, 0, 10, lines.append, target=2.0) as bar:
+        bar.evaluated(5, 2.5, 1.0)
+        bar.evaluated(10, 1.9, 2.0)
+        bar.evaluated(15, 1.8, 3.0)  # later evaluations do not move the mark
+        bar.update(15, 1.7, 100.0)
+        info = bar._bar.tasks[0].fields["info"]
+    assert info.endswith("val 1.8000  target 2.0 at step 10, 2 s")
+    # Without a bar, the evaluations are logged with their elapsed seconds.
+    with ProgressBar(False, 0, 10, lines.append, target=2.0) as bar:
+        bar.evaluated(5, 2.5, 1.25)
+    assert lines == ["step 5: val loss 2.5000 (1.2 s)"]
