@@ -1,10 +1,11 @@
 """Per-parameter precision: dtypes, Policy, PrecisionRules, casts, loss scaling, quantization."""
 
-from hybrid_jax.precision.dtypes import ACCEPTED_NAMES, parse_dtype
+from hybrid_jax.precision.dtypes import ACCEPTED_NAMES, UnknownDtypeError, parse_dtype
 from hybrid_jax.precision.loss_scale import (
     DynamicLossScale,
     LossScale,
     NoOpLossScale,
+    ScalarBoolError,
     StaticLossScale,
     all_finite,
     select_tree,
@@ -48,7 +49,9 @@ __all__ = [
     "Policy",
     "Precision",
     "PrecisionRules",
+    "ScalarBoolError",
     "StaticLossScale",
+    "UnknownDtypeError",
     "all_finite",
     "amax_scale",
     "cast_to_compute",

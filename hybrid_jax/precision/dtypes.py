@@ -34,6 +34,21 @@ FLOATING = frozenset({FLOAT64, FLOAT32, BFLOAT16, FLOAT16})
 ACCEPTED_NAMES = (*_BY_NAME, "half")
 
 
+class UnknownDtypeError(ValueError):
+    """A dtype name that is not among :data:`ACCEPTED_NAMES` (a ``ValueError``).
+
+    Its own class so that callers, such as :func:`hybrid_jax.jmp.get_policy`, can tell a misspelt
+    dtype from other bad input without reading the message.
+
+    Attributes:
+      name: the name that was not recognised.
+    """
+
+    def __init__(self, message: str, name: str | None = None):
+        super().__init__(message)
+        self.name = name
+
+
 def half_dtype() -> np.dtype:
     """The half-precision dtype of the default backend: bf16 on TPU, f16 elsewhere (as jmp)."""
     return BFLOAT16 if jax.default_backend() == "tpu" else FLOAT16
@@ -51,7 +66,8 @@ def parse_dtype(value: str | np.dtype | type) -> np.dtype:
       A :class:`numpy.dtype` among the supported ones.
 
     Raises:
-      ValueError: an unknown name or an unsupported dtype; the message lists the accepted names.
+      UnknownDtypeError: an unknown name (a ``ValueError``); the message lists the accepted names.
+      ValueError: an unsupported dtype.
 
     Examples:
       >>> parse_dtype("bf16")
@@ -65,8 +81,8 @@ def parse_dtype(value: str | np.dtype | type) -> np.dtype:
         try:
             return _BY_NAME[value]
         except KeyError:
-            raise ValueError(
-                f"unknown dtype {value!r}; accepted names: {', '.join(ACCEPTED_NAMES)}"
+            raise UnknownDtypeError(
+                f"unknown dtype {value!r}; accepted names: {', '.join(ACCEPTED_NAMES)}", value
             ) from None
     try:
         dtype = np.dtype(value)

@@ -4,11 +4,18 @@ The three loss scales follow jmp (same fields, defaults and ``scale``/``unscale`
 semantics; ``DynamicLossScale`` trajectories are bit-identical to jmp's). Unlike jmp, every field
 is part of the pytree: jmp's ``DynamicLossScale`` drops ``min_loss_scale`` when flattened, so the
 floor silently resets to 1 under ``jax.jit``, ``lax.scan`` or a checkpoint round trip.
+
+Numbers given to a constructor are stored as fp32 arrays, so ``scale`` and ``unscale`` return at
+least fp32 for any floating leaf, however the scale was written. jmp keeps a Python number as
+is, so there ``StaticLossScale(2**15)`` scales an f16 loss in f16 (a loss above 2 overflows to
+inf) and unscales f16 gradients in f16 (where the small ones the scale protected flush to zero),
+while ``StaticLossScale(jnp.float32(2**15))`` gives fp32, as here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, TypeVar
 
 import jax
@@ -76,11 +83,11 @@ class _MultipliesByScale:
     loss_scale: jax.Array
 
     def scale(self, tree: T) -> T:
-        """Multiplies every floating leaf by the loss scale."""
+        """Multiplies every floating leaf by the loss scale, in fp32 at least (f64 stays f64)."""
         return _multiply(tree, self.loss_scale)
 
     def unscale(self, tree: T) -> T:
-        """Multiplies every floating leaf by ``1 / loss_scale``."""
+        """Multiplies every floating leaf by ``1 / loss_scale``, in fp32 at least (as ``scale``)."""
         return _multiply(tree, 1 / jnp.asarray(self.loss_scale))
 
 
@@ -131,8 +138,10 @@ class DynamicLossScale(_MultipliesByScale):
     Attributes:
       loss_scale: the current scale (fp32 scalar).
       counter: finite steps since the last change (int32 scalar).
-      period: finite steps in a row before the scale grows.
+      period: finite steps in a row before the scale grows. Any integer-like value is accepted,
+        as in jmp (``np.int64(2000)``, ``5.0``), and stored as a Python int.
       factor: growth factor; the scale is divided by it on a non-finite step unless ``backoff``.
+        A NumPy number is stored as the Python number it holds.
       min_loss_scale: the floor a non-finite step cannot push the scale below.
       max_loss_scale: the ceiling growth cannot pass (default: none, only finiteness).
       backoff: if given, a non-finite step multiplies the scale by it instead of dividing by
@@ -167,7 +176,11 @@ class DynamicLossScale(_MultipliesByScale):
         for field in fields:
             object.__setattr__(self, field, _as_array(getattr(self, field)))
         object.__setattr__(self, "counter", _as_array(self.counter, jnp.int32))
-        if not (isinstance(self.period, int) and self.period >= 1):
+        # Static metadata: canonical Python numbers, so that `np.int64(2000)` from a config and
+        # `2000` give equal, hashable tree definitions (and one compiled step).
+        object.__setattr__(self, "period", _as_count(self.period))
+        object.__setattr__(self, "factor", _as_python_number(self.factor))
+        if not self.period >= 1:
             raise ValueError(f"period must be a positive int, got {self.period!r}")
         if not self.factor > 1:
             raise ValueError(f"factor must be > 1, got {self.factor!r}")
@@ -209,8 +222,13 @@ class DynamicLossScale(_MultipliesByScale):
         )
 
     def adjust(self, grads_finite: jax.Array) -> DynamicLossScale:
-        """The next state, given whether this step's gradients were all finite (a scalar bool)."""
-        grads_finite = _check_scalar_bool(grads_finite, "grads_finite")
+        """The next state, given whether this step's gradients were all finite (a scalar bool).
+
+        Raises:
+          ScalarBoolError: ``grads_finite`` is not a scalar bool (a ``TypeError``, and an
+            ``AssertionError`` as in jmp).
+        """
+        grads_finite = _check_scalar_bool(grads_finite, "grads_finite", "Expected boolean scalar")
         loss_scale = jnp.asarray(self.loss_scale)
         grown = loss_scale * self.factor
         grown = jnp.minimum(jnp.where(jnp.isfinite(grown), grown, loss_scale), self.max_loss_scale)
@@ -262,11 +280,12 @@ def select_tree(pred: jax.Array, a: T, b: T) -> T:
       ``a`` if ``pred`` else ``b``, computed without a branch (so it runs under ``jit``).
 
     Raises:
-      TypeError: ``pred`` is not a scalar bool, or ``a`` and ``b`` differ in a leaf's dtype or
-        shape (the message names the path).
+      ScalarBoolError: ``pred`` is not a scalar bool (a ``TypeError``, and an ``AssertionError``
+        as in jmp).
+      TypeError: ``a`` and ``b`` differ in a leaf's dtype or shape (the message names the path).
       ValueError: ``a`` and ``b`` have different structures.
     """
-    pred = _check_scalar_bool(pred, "pred")
+    pred = _check_scalar_bool(pred, "pred", "expected boolean scalar")
 
     def select(keypath, x, y):
         x, y = jnp.asarray(x), jnp.asarray(y)
@@ -280,8 +299,42 @@ def select_tree(pred: jax.Array, a: T, b: T) -> T:
     return jax.tree_util.tree_map_with_path(select, a, b)
 
 
-def _check_scalar_bool(pred: Any, name: str) -> jax.Array:
+class ScalarBoolError(TypeError, AssertionError):
+    """A predicate that is not a scalar bool, given to :func:`select_tree` or ``adjust``.
+
+    A ``TypeError``, as this library raises for a wrong argument; also an ``AssertionError``, as
+    jmp raises (by ``assert``) for the same mistake, so code written against jmp that catches it
+    keeps working. NumPy's ``AxisError`` (a ``ValueError`` and an ``IndexError``) set the
+    precedent.
+    """
+
+
+def _check_scalar_bool(pred: Any, name: str, jmp_words: str) -> jax.Array:
+    # `jmp_words` is the phrase jmp's own message starts with, which its users match on.
     pred = jnp.asarray(pred)
     if pred.ndim != 0 or pred.dtype != jnp.bool_:
-        raise TypeError(f"{name} must be a scalar bool, got {pred.dtype}{list(pred.shape)}")
+        raise ScalarBoolError(
+            f"{jmp_words}: {name} is {pred.dtype}{list(pred.shape)}; pass a scalar bool, "
+            "such as all_finite(grads)"
+        )
     return pred
+
+
+def _as_count(value: Any) -> Any:
+    # jmp takes any integer-like period: 2000, np.int64(2000), or 5.0 from a float hyperparameter.
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"period must be a positive int, got {value!r}")
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"period must be a positive int, got {value!r}") from None
+
+
+def _as_python_number(value: Any) -> Any:
+    # A NumPy or concrete 0-d JAX number becomes the Python number it holds.
+    concrete = isinstance(value, (np.generic, np.ndarray, jax.Array)) and not isinstance(
+        value, jax.core.Tracer
+    )
+    return np.asarray(value).item() if concrete and np.ndim(value) == 0 else value

@@ -220,6 +220,8 @@ class Policy:
 
         Raises:
           ValueError: the string does not parse; the message quotes the bad part and the grammar.
+            A misspelt dtype name is the subclass
+            :class:`~hybrid_jax.precision.dtypes.UnknownDtypeError`.
           TypeError: ``spec`` is neither a string nor a ``Policy``.
 
         Examples:
@@ -237,7 +239,7 @@ class Policy:
         try:
             return cls._parse_fields(spec)
         except ValueError as e:
-            raise ValueError(f"cannot parse policy {spec!r}: {e}.\nGrammar: {GRAMMAR}") from None
+            raise _reworded(e, f"cannot parse policy {spec!r}: {e}.\nGrammar: {GRAMMAR}") from None
 
     @classmethod
     def _parse_fields(cls, spec: str) -> Policy:
@@ -265,7 +267,7 @@ class Policy:
                 else:
                     fields[field] = dtypes.parse_dtype(value)
             except ValueError as e:
-                raise ValueError(f"item {item!r}: {e}") from None
+                raise _reworded(e, f"item {item!r}: {e}") from None
         param = fields.setdefault("param_dtype", dtypes.FLOAT32)
         compute = fields.setdefault("compute_dtype", param)
         carrier = fields.setdefault("carrier_dtype", dtypes.BFLOAT16)
@@ -304,6 +306,13 @@ class Policy:
     def cast_to_output(self, tree: T) -> T:
         """Casts the floating leaves of ``tree`` to the output dtype."""
         return cast_floating(tree, self.output_dtype)
+
+
+def _reworded(error: ValueError, message: str) -> ValueError:
+    # The same error with more context; an UnknownDtypeError stays one, with its name.
+    if isinstance(error, dtypes.UnknownDtypeError):
+        return dtypes.UnknownDtypeError(message, error.name)
+    return ValueError(message)
 
 
 #: Named policies, usable wherever a policy string is.
