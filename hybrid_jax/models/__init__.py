@@ -1,7 +1,14 @@
-"""Flax NNX models: a nanoGPT-equivalent GPT, a tiny MLP, and per-layer quantized matmuls."""
+"""Flax models: a nanoGPT-equivalent GPT, a tiny MLP, per-layer quantized matmuls (NNX, Linen)."""
 
 from hybrid_jax.models.gpt import GPT, GPTConfig
-from hybrid_jax.models.matmuls import FP8_SCALINGS, DelayedFp8DotGeneral, Fp8Meta, quantize_matmuls
+from hybrid_jax.models.linen_matmuls import LinenMatmuls, quantize_linen_matmuls
+from hybrid_jax.models.matmuls import (
+    FP8_SCALINGS,
+    DelayedFp8DotGeneral,
+    Fp8Meta,
+    ScopedDot,
+    quantize_matmuls,
+)
 from hybrid_jax.models.mlp import MLP
 from hybrid_jax.models.ops import causal_attention, gelu, layer_norm
 
@@ -12,8 +19,11 @@ __all__ = [
     "DelayedFp8DotGeneral",
     "Fp8Meta",
     "GPTConfig",
+    "LinenMatmuls",
+    "ScopedDot",
     "causal_attention",
     "gelu",
     "layer_norm",
+    "quantize_linen_matmuls",
     "quantize_matmuls",
 ]

@@ -3,13 +3,18 @@
 A precision rule such as ``(r"blocks/.*/mlp/.*kernel", "fp8-mixed")`` casts those kernels; with
 :func:`quantize_matmuls` it also makes the layers that own them multiply in fp8 (activations in
 e4m3, gradients in e5m2) or int8, while every other layer keeps its ``lax.dot_general``. A layer
-takes part when it has a ``dot_general`` attribute and a ``kernel`` or ``embedding`` parameter
-(the bundled GPT's ``Linear`` and its tied-head ``Embed``); the rule for that parameter decides.
+takes part when it has a ``dot_general`` attribute and a ``kernel`` or ``embedding`` parameter:
+the bundled GPT's ``Linear`` and its tied-head ``Embed``, and a user's own ``nnx.Linear`` and
+``nnx.LinearGeneral``; the rule for that parameter decides. A layer with a ``kernel`` but no such
+hook (``nnx.Einsum``, ``nnx.Conv``) cannot be reached: a rule asking it for fp8 or int8 is an
+error, never a silent bf16 matmul. Linen models: :mod:`hybrid_jax.models.linen_matmuls`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -46,6 +51,8 @@ class DelayedFp8DotGeneral(nnx.Module):
     Args:
       history_length: steps of amax history per operand.
       forward_dtype, backward_dtype: the fp8 formats of the operands and of the gradient.
+      scope: a ``jax.named_scope`` to run under (the layer's path, so that the compiled HLO
+        names the layer), or None.
 
     Examples:
       >>> dot = DelayedFp8DotGeneral(history_length=4)
@@ -56,7 +63,11 @@ class DelayedFp8DotGeneral(nnx.Module):
     """
 
     def __init__(
-        self, history_length: int = 16, forward_dtype: Any = "e4m3", backward_dtype: Any = "e5m2"
+        self,
+        history_length: int = 16,
+        forward_dtype: Any = "e4m3",
+        backward_dtype: Any = "e5m2",
+        scope: str | None = None,
     ):
         meta = fp8_meta(history_length)
         self.lhs_history = Fp8Meta(meta["lhs"])
@@ -64,6 +75,7 @@ class DelayedFp8DotGeneral(nnx.Module):
         self.grad_history = Fp8Meta(meta["grad"])
         self.forward_dtype = dtypes.short_name(dtypes.parse_dtype(forward_dtype))
         self.backward_dtype = dtypes.short_name(dtypes.parse_dtype(backward_dtype))
+        self.scope = scope
 
     def __call__(
         self,
@@ -72,7 +84,13 @@ class DelayedFp8DotGeneral(nnx.Module):
         dimension_numbers: Any,
         precision: Any = None,
         preferred_element_type: Any = None,
+        out_sharding: Any = None,
     ) -> jax.Array:
+        _check_no_out_sharding(out_sharding, self.scope)
+        with _named_scope(self.scope):
+            return self._dot(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+
+    def _dot(self, lhs, rhs, dimension_numbers, precision, preferred_element_type):
         meta = {
             "lhs": self.lhs_history[...],
             "rhs": self.rhs_history[...],
@@ -90,14 +108,93 @@ class DelayedFp8DotGeneral(nnx.Module):
         )
 
 
+def _named_scope(scope: str | None) -> Any:
+    return jax.named_scope(scope) if scope else contextlib.nullcontext()
+
+
+def _check_no_out_sharding(out_sharding: Any, scope: str | None) -> None:
+    # Flax layers forward `out_sharding` (None unless the caller shards the output); the fp8 and
+    # int8 matmuls place their result like `lax.dot_general` does and cannot honour one.
+    if out_sharding is not None:
+        raise ValueError(
+            f"layer {scope!r}: a quantized matmul cannot take out_sharding={out_sharding!r}; "
+            "call the layer without out_sharding or give its kernel a non-quantized policy"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ScopedDot:
+    """A Flax layer's ``dot_general``: ``dot`` under the layer path's ``jax.named_scope``.
+
+    Flax's own layers open no name scope of their path, so without one the compiled HLO could not
+    tell which layer a dot belongs to (:func:`hybrid_jax.diagnostics.audit`). Frozen and compared
+    by value, so that two splits of one model give equal graph definitions (no retrace).
+
+    Args:
+      dot: a function with ``lax.dot_general``'s signature, e.g. from
+        :func:`~hybrid_jax.precision.dot_general_for`.
+      scope: the layer's path, e.g. ``"layers/0"``.
+
+    Examples:
+      >>> dot = ScopedDot(jax.lax.dot_general, "fc")
+      >>> dot(jnp.ones((2, 3)), jnp.ones((3, 4)), (((1,), (0,)), ((), ()))).shape
+      (2, 4)
+    """
+
+    dot: Any
+    scope: str
+
+    def __call__(
+        self,
+        lhs: jax.Array,
+        rhs: jax.Array,
+        dimension_numbers: Any,
+        precision: Any = None,
+        preferred_element_type: Any = None,
+        out_sharding: Any = None,
+    ) -> jax.Array:
+        # Only what the caller gave: a user's own `dot_general` may not take every keyword.
+        kwargs = {"precision": precision}
+        if preferred_element_type is not None:
+            kwargs["preferred_element_type"] = preferred_element_type
+        if self.dot is jax.lax.dot_general:
+            kwargs["out_sharding"] = out_sharding
+        else:
+            _check_no_out_sharding(out_sharding, self.scope)
+        with jax.named_scope(self.scope):
+            return self.dot(lhs, rhs, dimension_numbers, **kwargs)
+
+
+def unreachable_error(weight_path: str, layer_path: str, kind: str, compute: Any) -> ValueError:
+    """The error for a rule that asks a layer without a ``dot_general`` hook for fp8 or int8."""
+    return ValueError(
+        f"the precision rules ask {dtypes.short_name(compute)} compute of {weight_path!r}, but "
+        f"its layer {layer_path or '<model>'!r} ({kind}) has no dot_general hook through which "
+        "a quantized matmul can run, so it would silently multiply in the carrier dtype. Only "
+        "Linear/LinearGeneral (NNX), Dense/DenseGeneral (Linen) and layers with a `dot_general` "
+        "attribute can quantize; put a rule such as "
+        f"(r'^{re.escape(weight_path)}$', 'bf16-mixed') ahead of the others, or replace the layer"
+    )
+
+
+# Flax's own layers with a `dot_general` hook. Their matmul runs under a ScopedDot, which opens
+# the name scope and takes `out_sharding`; nnx.LinearGeneral's `dot_general=None` means lax's.
+_FLAX_HOOKED = (nnx.Linear, nnx.LinearGeneral)
+
+
 def _matmul_layers(model: nnx.Module) -> list[tuple[str, nnx.Module, str]]:
-    """``(layer path, layer, weight name)`` of every layer with a ``dot_general`` hook."""
+    """``(layer path, layer, weight name)`` of every layer with a matmul weight.
+
+    A layer whose ``dot_general`` is None (the GPT's position embedding) is only looked up and
+    left out; a layer with a ``kernel`` and no hook at all is listed, for the caller to refuse.
+    """
     layers = []
     for path, node in nnx.iter_graph(model):
-        if not (isinstance(node, nnx.Module) and getattr(node, "dot_general", None) is not None):
+        if not isinstance(node, nnx.Module):
             continue
         weights = [n for n in WEIGHT_NAMES if isinstance(getattr(node, n, None), nnx.Param)]
-        if weights:
+        hooked = isinstance(node, _FLAX_HOOKED) or getattr(node, "dot_general", None) is not None
+        if weights and (hooked or (weights[0] == "kernel" and not hasattr(node, "dot_general"))):
             layers.append(("/".join(str(k) for k in path), node, weights[0]))
     return layers
 
@@ -111,11 +208,14 @@ def quantize_matmuls(
 ) -> Any:
     """Gives each layer the matmul its weight's compute dtype asks for; returns the cast plan.
 
-    For every layer with a ``dot_general`` hook, the policy of its ``kernel`` (or ``embedding``)
-    decides: compute e4m3 or e5m2 installs an fp8 matmul (current scaling, or with
-    ``fp8_scaling="delayed"`` a :class:`DelayedFp8DotGeneral` with its own :class:`Fp8Meta`
-    histories), int8 installs :func:`~hybrid_jax.precision.matmul.int8_dot_general`, any other
-    dtype restores :func:`jax.lax.dot_general`. The model is changed in place, as NNX modules are.
+    For every layer with a ``dot_general`` hook (the GPT's layers, ``nnx.Linear``,
+    ``nnx.LinearGeneral``), the policy of its ``kernel`` (or ``embedding``) decides: compute e4m3
+    or e5m2 installs an fp8 matmul (current scaling, or with ``fp8_scaling="delayed"`` a
+    :class:`DelayedFp8DotGeneral` with its own :class:`Fp8Meta` histories), int8 installs
+    :func:`~hybrid_jax.precision.matmul.int8_dot_general`, any other dtype restores
+    :func:`jax.lax.dot_general`. Flax's own layers get it wrapped in a
+    :class:`ScopedDot` (their path as a name scope, for the audit). The model is changed in place,
+    as NNX modules are.
 
     The returned plan is the one to train with (``make_train_step(precision=plan)``): it is
     ``precision``'s plan with the compute dtype of each weight whose matmul now quantizes replaced
@@ -133,7 +233,10 @@ def quantize_matmuls(
       A plan (a tree of ``Policy`` shaped like the model's ``nnx.Param`` state).
 
     Raises:
-      ValueError: an unknown ``fp8_scaling``, or a plan that does not fit the model.
+      ValueError: an unknown ``fp8_scaling``, a plan that does not fit the model, or fp8/int8
+        asked of a ``kernel`` whose layer has no ``dot_general`` hook (``nnx.Einsum``,
+        ``nnx.Conv``) or whose ``dot_general_cls`` would override it; the message names the
+        path and the layer's kind.
 
     Examples:
       >>> from hybrid_jax.models import GPT, GPTConfig
@@ -157,11 +260,22 @@ def quantize_matmuls(
         if path not in by_path:
             raise ValueError(f"the precision plan has no policy for {path!r}")
         compute = by_path[path].compute_dtype
+        flax_layer = isinstance(layer, _FLAX_HOOKED)
+        if compute in dtypes.QUANTIZED and (
+            not (flax_layer or hasattr(layer, "dot_general"))
+            or getattr(layer, "dot_general_cls", None) is not None  # would win over ours
+        ):
+            raise unreachable_error(path, layer_path, type(layer).__qualname__, compute)
+        if not (flax_layer or hasattr(layer, "dot_general")):
+            continue  # no hook, and none needed: the kernel is cast, the matmul is lax's
+        scope = layer_path if flax_layer else None
         # A module holding histories is data (its state is split out); a function is static.
         if compute in dtypes.QUANTIZED and compute != dtypes.INT8 and fp8_scaling == "delayed":
-            layer.dot_general = nnx.data(DelayedFp8DotGeneral(history_length, compute))
+            dot = DelayedFp8DotGeneral(history_length, compute, scope=scope)
+            layer.dot_general = nnx.data(dot)
         else:
-            layer.dot_general = nnx.static(dot_general_for(compute))
+            dot = dot_general_for(compute)
+            layer.dot_general = nnx.static(ScopedDot(dot, scope) if flax_layer else dot)
         if compute in dtypes.QUANTIZED:
             quantized.add(path)
 
