@@ -223,7 +223,7 @@ def _row(entry: _Entry, base: RunConfig, reference: dict | None) -> dict[str, An
         "step_time_ms": 1e3 * step_s,
         "step_time_ratio_vs_fp32": None,
         "timed_steps": len(timed),
-        "tokens_per_s": base.batch_size * base.block_size / step_s,
+        "tokens_per_s": base.batch_size * entry.run.config.block_size / step_s,
         "compile_s": entry.compile_s,
         "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
         "output_bytes": getattr(memory, "output_size_in_bytes", None),

@@ -11,7 +11,7 @@ from typing import Any
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """The flags that decide a run's model, data, precision and optimizer (train, inspect)."""
-    from hybrid_jax.app.config import LOSS_SCALES, OPTIMIZERS, RunConfig
+    from hybrid_jax.app.config import LOSS_SCALES, MODEL_PRESETS, OPTIMIZERS, RunConfig
     from hybrid_jax.models import FP8_SCALINGS
     from hybrid_jax.precision import PRESETS
 
@@ -45,15 +45,21 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=d.batch_size, help="sequences per step (%(default)s)"
     )
     p.add_argument(
-        "--block-size", type=int, default=d.block_size, help="context length (%(default)s)"
+        "--model",
+        default=d.model,
+        choices=tuple(MODEL_PRESETS),
+        help="the GPT's shape: nanoGPT's baby GPT, or GPT-2 small/medium (%(default)s); "
+        "--n-layer, --n-head, --n-embd and --block-size override it",
     )
-    p.add_argument("--n-layer", type=int, default=d.n_layer, help="blocks (%(default)s)")
-    p.add_argument("--n-head", type=int, default=d.n_head, help="attention heads (%(default)s)")
-    p.add_argument("--n-embd", type=int, default=d.n_embd, help="channels (%(default)s)")
+    p.add_argument("--block-size", type=int, default=None, help="context length (--model's)")
+    p.add_argument("--n-layer", type=int, default=None, help="blocks (--model's)")
+    p.add_argument("--n-head", type=int, default=None, help="attention heads (--model's)")
+    p.add_argument("--n-embd", type=int, default=None, help="channels (--model's)")
     p.add_argument(
         "--data",
         default=None,
-        help="a UTF-8 text file to train on (default: the bundled Tiny Shakespeare)",
+        help="a UTF-8 text file, or a folder of nanoGPT token files (train.bin, val.bin, "
+        "optional meta.pkl or meta.json), to train on (default: the bundled Tiny Shakespeare)",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (%(default)s)")
 

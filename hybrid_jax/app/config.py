@@ -1,7 +1,8 @@
 """What decides a run's result: :class:`RunConfig`, the precision it names and its optimizer.
 
 The defaults are nanoGPT's CPU "baby GPT" run (4 layers, 4 heads, 128 channels, context 64,
-batch 12, 2000 iterations, no dropout), with Muon on the hidden matrices and Adam on the rest,
+batch 12, 2000 iterations, no dropout; :data:`MODEL_PRESETS` also has GPT-2 124M and 350M),
+with Muon on the hidden matrices and Adam on the rest,
 warm-up and cosine decay to a tenth, and the precision that is fastest on the backend
 (:func:`auto_precision`).
 """
@@ -29,6 +30,31 @@ OPTIMIZERS = ("muon_adamw", "adamw")
 DEFAULT_LR = {"adamw": 1e-3, "muon_adamw": 3e-3}
 LOSS_SCALES = ("auto", "dynamic", "none")
 AUTO = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPreset:
+    """The shape ``--model NAME`` gives a run's GPT, where its own fields are left ``None``."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    eval_batch_size: int
+
+
+#: ``--model`` presets: nanoGPT's CPU baby GPT, and GPT-2 small and medium as nanoGPT trains them
+#: (``config/train_gpt2.py``: context 1024, no biases, tied head; the vocabulary comes from the
+#: data, GPT-2's 50257 padded to 50304 for token files without ``meta``). Evaluation batches of the
+#: GPT-2 sizes are 8 sequences: 64 x 1024 x 50304 fp32 logits alone would be 13 GB.
+MODEL_PRESETS = {
+    "baby": ModelPreset(n_layer=4, n_head=4, n_embd=128, block_size=64, eval_batch_size=64),
+    "gpt2-124m": ModelPreset(n_layer=12, n_head=12, n_embd=768, block_size=1024, eval_batch_size=8),
+    "gpt2-350m": ModelPreset(
+        n_layer=24, n_head=16, n_embd=1024, block_size=1024, eval_batch_size=8
+    ),
+}
+_PRESET_FIELDS = tuple(field.name for field in dataclasses.fields(ModelPreset))
 
 
 def auto_precision(backend: str | None = None) -> tuple[str, str]:
@@ -62,12 +88,13 @@ class RunConfig:
 
     precision: str = AUTO
     optimizer: str = "muon_adamw"
+    model: str = "baby"
     steps: int = 2000
     batch_size: int = 12
-    block_size: int = 64
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
+    block_size: int | None = None  # None: the model preset's (baby: 64)
+    n_layer: int | None = None  # None: the model preset's (baby: 4)
+    n_head: int | None = None  # None: the model preset's (baby: 4)
+    n_embd: int | None = None  # None: the model preset's (baby: 128)
     lr: float | None = None  # None: DEFAULT_LR[optimizer]
     min_lr: float | None = None  # None: lr / 10
     muon_lr: float = 1e-2
@@ -80,7 +107,7 @@ class RunConfig:
     seed: int = 1337
     eval_interval: int = 250
     eval_batches: int = 25
-    eval_batch_size: int = 64
+    eval_batch_size: int | None = None  # None: the model preset's (baby: 64)
     sample_chars: int = 300
     fp8_scaling: str = "current"
     loss_scale: str = "auto"
@@ -93,6 +120,8 @@ class RunConfig:
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
+        if self.model not in MODEL_PRESETS:
+            raise ValueError(f"unknown model {self.model!r}; choose from {tuple(MODEL_PRESETS)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
         if self.eval_ema and not self.ema_decay:
@@ -118,18 +147,27 @@ class RunConfig:
             "max_skips",
             "muon_ns_steps",
         ):
-            if getattr(self, name) < 1:
+            value = getattr(self, name)
+            if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.target_loss is not None and not self.target_loss > 0:
             raise ValueError(f"target_loss must be a loss > 0, got {self.target_loss}")
 
     def resolved(self) -> tuple[RunConfig, str]:
-        """This config with its defaults that depend on others filled in (``lr`` from
-        :data:`DEFAULT_LR`, ``min_lr = lr / 10``, ``precision="auto"`` by
-        :func:`auto_precision`), and why the precision is what it is."""
+        """This config with its defaults that depend on others filled in (the model's shape
+        from :data:`MODEL_PRESETS`, ``lr`` from :data:`DEFAULT_LR`, ``min_lr = lr / 10``,
+        ``precision="auto"`` by :func:`auto_precision`), and why the precision is what it is.
+
+        Examples:
+          >>> config, _ = RunConfig(model="gpt2-124m", block_size=128, precision="fp32").resolved()
+          >>> config.n_layer, config.n_embd, config.block_size, config.lr
+          (12, 768, 128, 0.003)
+        """
+        preset = MODEL_PRESETS[self.model]
+        shape = {k: getattr(preset, k) for k in _PRESET_FIELDS if getattr(self, k) is None}
         lr = DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
         min_lr = lr / 10 if self.min_lr is None else self.min_lr
-        config = dataclasses.replace(self, lr=lr, min_lr=min_lr)
+        config = dataclasses.replace(self, lr=lr, min_lr=min_lr, **shape)
         if self.precision != AUTO:
             return config, "as given"
         preset, reason = auto_precision()
