@@ -1,4 +1,5 @@
-"""Flax models: a nanoGPT-equivalent GPT, a tiny MLP, per-layer quantized matmuls (NNX, Linen)."""
+"""Flax models: a nanoGPT-equivalent GPT, a tiny MLP, per-layer quantized matmuls (NNX, Linen),
+and a Trainer for any NNX model."""
 
 from hybrid_jax.models.gpt import GPT, GPTConfig
 from hybrid_jax.models.linen_matmuls import LinenMatmuls, quantize_linen_matmuls
@@ -11,6 +12,7 @@ from hybrid_jax.models.matmuls import (
 )
 from hybrid_jax.models.mlp import MLP
 from hybrid_jax.models.ops import causal_attention, gelu, layer_norm
+from hybrid_jax.models.trainer import Trainer
 
 __all__ = [
     "FP8_SCALINGS",
@@ -21,6 +23,7 @@ __all__ = [
     "GPTConfig",
     "LinenMatmuls",
     "ScopedDot",
+    "Trainer",
     "causal_attention",
     "gelu",
     "layer_norm",
