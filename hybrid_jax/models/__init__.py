@@ -8,6 +8,7 @@ from hybrid_jax.models.matmuls import (
     DelayedFp8DotGeneral,
     Fp8Meta,
     ScopedDot,
+    ScopedEinsum,
     quantize_matmuls,
 )
 from hybrid_jax.models.mlp import MLP
@@ -23,6 +24,7 @@ __all__ = [
     "GPTConfig",
     "LinenMatmuls",
     "ScopedDot",
+    "ScopedEinsum",
     "Trainer",
     "causal_attention",
     "gelu",

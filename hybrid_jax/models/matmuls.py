@@ -5,9 +5,10 @@ A precision rule such as ``(r"blocks/.*/mlp/.*kernel", "fp8-mixed")`` casts thos
 e4m3, gradients in e5m2) or int8, while every other layer keeps its ``lax.dot_general``. A layer
 takes part when it has a ``dot_general`` attribute and a ``kernel`` or ``embedding`` parameter:
 the bundled GPT's ``Linear`` and its tied-head ``Embed``, and a user's own ``nnx.Linear`` and
-``nnx.LinearGeneral``; the rule for that parameter decides. A layer with a ``kernel`` but no such
-hook (``nnx.Einsum``, ``nnx.Conv``) cannot be reached: a rule asking it for fp8 or int8 is an
-error, never a silent bf16 matmul. Linen models: :mod:`hybrid_jax.models.linen_matmuls`.
+``nnx.LinearGeneral``; ``nnx.Einsum`` takes part through its ``einsum_op`` (:class:`ScopedEinsum`).
+The rule for that parameter decides. A layer with a ``kernel`` but no such hook (``nnx.Conv``)
+cannot be reached: a rule asking it for fp8 or int8 is an error, never a silent bf16 matmul.
+Linen models: :mod:`hybrid_jax.models.linen_matmuls`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from hybrid_jax import tree as tree_lib
@@ -165,14 +167,38 @@ class ScopedDot:
             return self.dot(lhs, rhs, dimension_numbers, **kwargs)
 
 
+@dataclasses.dataclass(frozen=True)
+class ScopedEinsum:
+    """An ``nnx.Einsum``'s ``einsum_op``: :func:`jax.numpy.einsum` whose products run through
+    ``dot`` under the layer path's name scope (a :class:`ScopedDot`).
+
+    ``jnp.einsum`` lowers a two-operand einsum to one ``dot_general`` (possibly with the operands
+    swapped, which fp8's per-tensor and int8's per-channel scales do not mind). Frozen and
+    compared by value, as :class:`ScopedDot`.
+
+    Examples:
+      >>> op = ScopedEinsum(jax.lax.dot_general, "mix")
+      >>> op("bi,io->bo", jnp.ones((2, 3)), jnp.ones((3, 4))).shape
+      (2, 4)
+    """
+
+    dot: Any
+    scope: str
+
+    def __call__(self, subscripts: str, *operands: jax.Array, **kwargs: Any) -> jax.Array:
+        return jnp.einsum(
+            subscripts, *operands, _dot_general=ScopedDot(self.dot, self.scope), **kwargs
+        )
+
+
 def unreachable_error(weight_path: str, layer_path: str, kind: str, compute: Any) -> ValueError:
     """The error for a rule that asks a layer without a ``dot_general`` hook for fp8 or int8."""
     return ValueError(
         f"the precision rules ask {dtypes.short_name(compute)} compute of {weight_path!r}, but "
         f"its layer {layer_path or '<model>'!r} ({kind}) has no dot_general hook through which "
         "a quantized matmul can run, so it would silently multiply in the carrier dtype. Only "
-        "Linear/LinearGeneral (NNX), Dense/DenseGeneral (Linen) and layers with a `dot_general` "
-        "attribute can quantize; put a rule such as "
+        "Linear/LinearGeneral/Einsum (NNX), Dense/DenseGeneral (Linen) and layers with a "
+        "`dot_general` attribute can quantize; put a rule such as "
         f"(r'^{re.escape(weight_path)}$', 'bf16-mixed') ahead of the others, or replace the layer"
     )
 
@@ -193,7 +219,9 @@ def _matmul_layers(model: nnx.Module) -> list[tuple[str, nnx.Module, str]]:
         if not isinstance(node, nnx.Module):
             continue
         weights = [n for n in WEIGHT_NAMES if isinstance(getattr(node, n, None), nnx.Param)]
-        hooked = isinstance(node, _FLAX_HOOKED) or getattr(node, "dot_general", None) is not None
+        hooked = isinstance(node, (*_FLAX_HOOKED, nnx.Einsum)) or (
+            getattr(node, "dot_general", None) is not None
+        )
         if weights and (hooked or (weights[0] == "kernel" and not hasattr(node, "dot_general"))):
             layers.append(("/".join(str(k) for k in path), node, weights[0]))
     return layers
@@ -209,13 +237,14 @@ def quantize_matmuls(
     """Gives each layer the matmul its weight's compute dtype asks for; returns the cast plan.
 
     For every layer with a ``dot_general`` hook (the GPT's layers, ``nnx.Linear``,
-    ``nnx.LinearGeneral``), the policy of its ``kernel`` (or ``embedding``) decides: compute e4m3
-    or e5m2 installs an fp8 matmul (current scaling, or with ``fp8_scaling="delayed"`` a
-    :class:`DelayedFp8DotGeneral` with its own :class:`Fp8Meta` histories), int8 installs
+    ``nnx.LinearGeneral``; ``nnx.Einsum`` through its ``einsum_op``), the policy of its
+    ``kernel`` (or ``embedding``) decides: compute e4m3 or e5m2 installs an fp8 matmul (current
+    scaling, or with ``fp8_scaling="delayed"`` a :class:`DelayedFp8DotGeneral` with its own
+    :class:`Fp8Meta` histories), int8 installs
     :func:`~hybrid_jax.precision.matmul.int8_dot_general`, any other dtype restores
-    :func:`jax.lax.dot_general`. Flax's own layers get it wrapped in a
-    :class:`ScopedDot` (their path as a name scope, for the audit). The model is changed in place,
-    as NNX modules are.
+    :func:`jax.lax.dot_general`. Flax's own layers get it wrapped in a :class:`ScopedDot` (their
+    path as a name scope, for the audit; an Einsum's in a :class:`ScopedEinsum`). The model is
+    changed in place, as NNX modules are.
 
     The returned plan is the one to train with (``make_train_step(precision=plan)``): it is
     ``precision``'s plan with the compute dtype of each weight whose matmul now quantizes replaced
@@ -233,10 +262,11 @@ def quantize_matmuls(
       A plan (a tree of ``Policy`` shaped like the model's ``nnx.Param`` state).
 
     Raises:
-      ValueError: an unknown ``fp8_scaling``, a plan that does not fit the model, or fp8/int8
-        asked of a ``kernel`` whose layer has no ``dot_general`` hook (``nnx.Einsum``,
-        ``nnx.Conv``) or whose ``dot_general_cls`` would override it; the message names the
-        path and the layer's kind.
+      ValueError: an unknown ``fp8_scaling``, a plan that does not fit the model, fp8/int8
+        asked of a ``kernel`` whose layer has no ``dot_general`` hook (``nnx.Conv``) or whose
+        ``dot_general_cls`` would override it, or delayed fp8 scaling asked of an
+        ``nnx.Einsum`` (its ``einsum_op`` is static and cannot hold amax histories); the
+        message names the path and the layer's kind.
 
     Examples:
       >>> from hybrid_jax.models import GPT, GPTConfig
@@ -260,6 +290,20 @@ def quantize_matmuls(
         if path not in by_path:
             raise ValueError(f"the precision plan has no policy for {path!r}")
         compute = by_path[path].compute_dtype
+        delayed = (
+            compute in dtypes.QUANTIZED and compute != dtypes.INT8 and fp8_scaling == "delayed"
+        )
+        if isinstance(layer, nnx.Einsum):
+            if delayed:
+                raise ValueError(
+                    f"{path!r}: delayed fp8 scaling cannot reach an nnx.Einsum layer (its "
+                    "einsum_op is static and holds no amax history); use fp8_scaling='current' "
+                    "or an nnx.Linear/LinearGeneral layer"
+                )
+            layer.einsum_op = nnx.static(ScopedEinsum(dot_general_for(compute), layer_path))
+            if compute in dtypes.QUANTIZED:
+                quantized.add(path)
+            continue
         flax_layer = isinstance(layer, _FLAX_HOOKED)
         if compute in dtypes.QUANTIZED and (
             not (flax_layer or hasattr(layer, "dot_general"))
@@ -270,7 +314,7 @@ def quantize_matmuls(
             continue  # no hook, and none needed: the kernel is cast, the matmul is lax's
         scope = layer_path if flax_layer else None
         # A module holding histories is data (its state is split out); a function is static.
-        if compute in dtypes.QUANTIZED and compute != dtypes.INT8 and fp8_scaling == "delayed":
+        if delayed:
             dot = DelayedFp8DotGeneral(history_length, compute, scope=scope)
             layer.dot_general = nnx.data(dot)
         else:
