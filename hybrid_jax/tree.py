@@ -3,7 +3,17 @@
 A leaf's path is its keys joined by ``/``: a dict key as ``str(key)``, a sequence index as its
 number, an attribute as its name. Flax NNX keeps each array in the ``value`` attribute of a
 ``Variable``; that last step is dropped, so NNX ``State`` gives the same strings as its own keys
-(``blocks/0/attn/qkv/kernel``).
+(``blocks/0/attn/qkv/kernel``). An Equinox module's fields are attributes and its lists and tuples
+sequences, so the arrays of ``eqx.nn.MLP`` read ``layers/0/weight``, ``layers/0/bias``, ...
+(the step dropped for NNX is any last attribute named ``value``: an Equinox field of that name
+reads as its module's path).
+
+Rules and casts take any pytree (a leaf that is not a floating array passes through a cast), but
+optimizer states and train states hold arrays only: a model whose pytree also holds functions
+(an Equinox module's activation) is split first, ``params, static = eqx.partition(model,
+eqx.is_inexact_array)``, and rebuilt in the loss function with ``eqx.combine(params, static)``.
+``params`` has ``None`` where ``static`` has a leaf; to JAX ``None`` is an empty subtree, which
+paths, rules, casts, optimizers and the train step pass through untouched.
 
 A rule list is an ordered sequence of ``(pattern, value)`` pairs. Each pattern is a regular
 expression matched with :func:`re.search` against the path, and the **first** rule that matches a
@@ -15,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 import warnings
 from collections.abc import Callable, Collection, Sequence
@@ -65,6 +76,47 @@ def is_float_leaf(x: Any) -> bool:
     return isinstance(
         x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
     ) and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def check_array_leaves(tree: Any, what: str) -> None:
+    """Raises a ``TypeError`` naming the leaves of ``tree`` that a jitted function cannot take.
+
+    Arrays (NumPy, JAX, tracers, ``jax.ShapeDtypeStruct``), numbers and :class:`CompoundLeaf` s
+    pass. Anything else (a function, a string) is the static part of a model that was not split
+    from its arrays; the message says how to split an Equinox or Flax NNX model.
+
+    Args:
+      tree: the pytree to check.
+      what: what the tree is called in the message (``"TrainState.create(params=...)"``).
+
+    Examples:
+      >>> check_array_leaves({"w": jnp.ones(2), "lr": 0.1, "skip": None}, "params")
+      >>> check_array_leaves({"w": jnp.ones(2), "act": lambda x: x}, "params")
+      Traceback (most recent call last):
+      ...
+      TypeError: params must hold only arrays, but 1 leaf is not:
+        act: function
+      ...
+    """
+    bad = [
+        f"{path}: {type(leaf).__name__}"
+        for path, leaf in leaves_with_paths(tree)[0]
+        if not _is_array_like(leaf)
+    ]
+    if bad:
+        raise TypeError(
+            f"{what} must hold only arrays, but {_count(bad, 'leaf is', 'leaves are')} not:\n"
+            + _listing(bad)
+            + "\nPass the model's arrays alone and rebuild the model inside the loss function: "
+            "for Equinox, `params, static = eqx.partition(model, eqx.is_inexact_array)` and "
+            "`eqx.combine(params, static)`; for Flax NNX, `graphdef, params = nnx.split(model, "
+            "nnx.Param)` and `nnx.merge(graphdef, params)`."
+        )
+
+
+def _is_array_like(x: Any) -> bool:
+    array_types = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct, numbers.Number)
+    return isinstance(x, (*array_types, CompoundLeaf)) or hasattr(x, "__jax_array__")
 
 
 class UnusedRuleWarning(UserWarning):

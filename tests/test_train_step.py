@@ -311,3 +311,15 @@ def test_a_mixer_without_per_term_is_a_clear_error():
 
     with pytest.raises(TypeError, match="bool attribute per_term"):
         make_train_step(_terms, optimizer=optax.sgd(0.1), mixer=mix)
+
+
+def test_the_step_does_not_delete_the_callers_parameters():
+    """The step donates the state; TrainState.create copies the leaves it would otherwise share
+    with the caller, so a model's variables can start a second state (or be evaluated)."""
+    params = {"w": jnp.ones((3, 1)), "b": jnp.zeros((1,))}
+    tx = optax.sgd(0.1)
+    loss = lambda p, batch, rng: {"l": (jnp.sum(p["w"]) + jnp.sum(p["b"])).astype(jnp.float32)}
+    step = make_train_step(loss, optimizer=tx, precision="bf16-mixed")
+    for _ in range(2):  # a second state from the same arrays
+        step(TrainState.create(params, tx, precision="bf16-mixed"), {})
+        assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(params))

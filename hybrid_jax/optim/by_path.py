@@ -179,6 +179,10 @@ def describe(
       A :class:`~hybrid_jax._table.Table` with one row per leaf (path, shape, size, group, state
       bytes), then one line per group and a total. ``str()`` prints it; notebooks render HTML.
 
+    Raises:
+      TypeError: ``params`` holds a leaf that is not an array (a function of an unsplit
+        Equinox module); the message names it and says how to split the model.
+
     Examples:
       >>> params = {"embed": jnp.ones((4, 2)), "fc": {"kernel": jnp.ones((2, 2))}}
       >>> print(describe([(r"embed", optax.set_to_zero())], params, default=optax.adam(1e-3)))
@@ -191,6 +195,7 @@ def describe(
       embed              8     1 leaf     0 B
       total              12    2 leaves   36 B
     """
+    tree_lib.check_array_leaves(params, "describe(params=...)")
     tx = by_path(rules, default, transforms=transforms)
     labels = group_labels(rules, params, default, transforms=transforms)
     leaves, _ = tree_lib.leaves_with_paths(params)

@@ -98,11 +98,14 @@ class PrecisionRules:
 
         Bytes at rest count the param dtype; leaves that are not floating keep their own dtype
         (casts leave them alone). Works on arrays and on ``jax.ShapeDtypeStruct`` leaves, so
-        ``jax.eval_shape`` of an initialiser can be summarised without allocating.
+        ``jax.eval_shape`` of an initialiser can be summarised without allocating. Leaves that
+        are not arrays (Python numbers, an Equinox module's activation function) have no row.
         """
         flat, indices, _ = self._indices(tree)
         rows, total_size, total_bytes = [], 0, 0
         for (path, leaf), index in zip(flat, indices, strict=True):
+            if not hasattr(leaf, "dtype"):
+                continue
             shape, leaf_dtype = tuple(np.shape(leaf)), np.dtype(leaf.dtype)
             policy = self._policy(index)
             if tree_lib.is_float_leaf(leaf) or isinstance(leaf, Int8Weight):

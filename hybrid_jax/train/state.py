@@ -90,7 +90,8 @@ class TrainState:
         """A fresh state at step 0.
 
         Args:
-          params: the initial parameters.
+          params: the initial parameters: a pytree of arrays (``None`` and numbers allowed).
+            Split a model's arrays from the rest first (``eqx.partition``, ``nnx.split``).
           optimizer: the transformation the train step uses (its ``init`` makes ``opt_state``).
           loss_scale: the initial loss scale (default: none, ``NoOpLossScale``).
           rng: a seed or a raw PRNG key.
@@ -108,13 +109,24 @@ class TrainState:
         Returns:
           The ``TrainState``.
 
+        Raises:
+          TypeError: ``params`` holds a leaf that is not an array (a function of an unsplit
+            Equinox module); the message names it and says how to split the model.
+
         Examples:
           >>> state = TrainState.create({"w": jnp.zeros(3)}, optax.sgd(0.1), rng=0)
           >>> int(state.step), state.rng.dtype
           (0, dtype('uint32'))
         """
+        tree_lib.check_array_leaves(params, "TrainState.create(params=...)")
+        given = params
         if precision is not None:
             params = cast_to_param(params, precision)
+        # A copy of each leaf the cast left as it was: the step donates the state, which must not
+        # delete the caller's arrays (a model's variables, reused for a second state or an eval).
+        params = jax.tree_util.tree_map(
+            lambda p, g: jnp.copy(p) if p is g else p, params, given, is_leaf=tree_lib.is_leaf
+        )
         if isinstance(rng, int):
             rng = jax.random.key_data(jax.random.key(rng))
         rng = jnp.asarray(rng)
