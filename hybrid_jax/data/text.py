@@ -3,7 +3,9 @@
 The embedded corpus is Tiny Shakespeare (1,115,394 characters, 65 distinct), shipped inside the
 package and read with :mod:`importlib.resources`, so it works from an installed wheel. Any other
 UTF-8 text file gets the same treatment: the vocabulary is the sorted set of its characters, the
-first 90% of it is the training split and the last 10% the validation split.
+first 90% of it is the training split and the last 10% the validation split. Given a directory,
+:func:`load_dataset` opens nanoGPT's pre-tokenized ``train.bin``/``val.bin`` instead
+(:mod:`hybrid_jax.data.tokens`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,12 @@ import dataclasses
 import importlib.resources
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from hybrid_jax.data.tokens import TokenDataset
 
 EMBEDDED_NAME = "tinyshakespeare.txt"
 """The file name of the embedded corpus, a resource of :mod:`hybrid_jax.data`."""
@@ -183,33 +189,57 @@ class TextDataset:
     val: np.ndarray
     source: str
 
+    @property
+    def vocab_size(self) -> int:
+        """The number of token ids, the tokenizer's."""
+        return self.tokenizer.vocab_size
+
 
 def load_dataset(
     path: _Path | None = None, *, block_size: int = 64, val_fraction: float = 0.1
-) -> TextDataset:
-    """Loads, tokenizes and splits a text: the embedded Tiny Shakespeare when ``path`` is None.
+) -> TextDataset | TokenDataset:
+    """Loads a corpus: a text file, a token folder, or the embedded Tiny Shakespeare.
+
+    A text (``path`` a file, or ``None``) is tokenized by characters and split. A token folder
+    (``path`` a directory with nanoGPT's ``train.bin`` and ``val.bin``) is opened with
+    :func:`~hybrid_jax.data.load_token_files`, its splits as they were written. Either result
+    has ``train``, ``val``, ``vocab_size`` and ``tokenizer``.
 
     Args:
-      path: a UTF-8 text file, or ``None``.
+      path: a UTF-8 text file, a token folder, or ``None``.
       block_size: the context length the batches will have; each split must hold at least one
         block plus its next-token target, ``block_size + 1`` tokens.
-      val_fraction: the share of the text, at its end, kept for validation.
+      val_fraction: the share of a text, at its end, kept for validation (a token folder comes
+        split).
 
     Returns:
-      A :class:`TextDataset`.
+      A :class:`TextDataset` for a text, a :class:`~hybrid_jax.data.TokenDataset` for a folder.
 
     Raises:
-      FileNotFoundError: ``path`` does not exist.
-      ValueError: the file is unreadable, not UTF-8, empty, or too short for ``block_size``
-        (the message names the path, the split and the lengths).
+      FileNotFoundError: ``path`` does not exist, or a token folder lacks ``val.bin``.
+      ValueError: ``path`` is a directory without ``train.bin``; the file is unreadable, not
+        UTF-8, empty, or too short for ``block_size`` (the message names the path, the split and
+        the lengths); or a token folder is malformed (see
+        :func:`~hybrid_jax.data.load_token_files`).
 
     Examples:
       >>> data = load_dataset()
-      >>> data.tokenizer.vocab_size, len(data.train), len(data.val)
+      >>> data.vocab_size, len(data.train), len(data.val)
       (65, 1003854, 111540)
     """
+    # tokens.py builds its tokenizers from this module, so it is imported when needed here.
+    from hybrid_jax.data.tokens import is_token_folder, load_token_files
+
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if path is not None and os.path.isdir(path):
+        if is_token_folder(path):
+            return load_token_files(path, block_size=block_size)
+        raise ValueError(
+            f"{os.fspath(path)!r} is a directory without train.bin: give a UTF-8 text file, or "
+            f"a token folder with train.bin and val.bin (uint16 token ids, as nanoGPT's "
+            f"prepare.py writes them) and optionally meta.pkl"
+        )
     text = load_text(path)
     source = f"<embedded {EMBEDDED_NAME}>" if path is None else os.fspath(path)
     tokenizer = CharTokenizer.from_text(text)
