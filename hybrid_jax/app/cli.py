@@ -56,6 +56,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-head", type=int, default=None, help="attention heads (--model's)")
     p.add_argument("--n-embd", type=int, default=None, help="channels (--model's)")
     p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="token ids the model embeds, at least the data's (default: the data's)",
+    )
+    p.add_argument(
         "--data",
         default=None,
         help="a UTF-8 text file, or a folder of nanoGPT token files (train.bin, val.bin, "
@@ -93,6 +99,12 @@ def _add_train(commands) -> None:
         help="Adam's peak learning rate, cosine to lr/10 (default: "
         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
         + "; Muon has --muon-lr)",
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=d.warmup_steps,
+        help="linear warm-up of the learning rates from 0 (%(default)s)",
     )
     p.add_argument(
         "--muon-lr",

@@ -95,6 +95,7 @@ class RunConfig:
     n_layer: int | None = None  # None: the model preset's (baby: 4)
     n_head: int | None = None  # None: the model preset's (baby: 4)
     n_embd: int | None = None  # None: the model preset's (baby: 128)
+    vocab_size: int | None = None  # None: the data's (token files without meta: 50304)
     lr: float | None = None  # None: DEFAULT_LR[optimizer]
     min_lr: float | None = None  # None: lr / 10
     muon_lr: float = 1e-2
@@ -141,6 +142,7 @@ class RunConfig:
             "n_layer",
             "n_head",
             "n_embd",
+            "vocab_size",
             "eval_interval",
             "eval_batches",
             "eval_batch_size",

@@ -1,10 +1,11 @@
 """``hybrid-jax inspect``: what a recipe will cost, per parameter, before any training.
 
-For a model config and a recipe, :func:`inspect_run` builds the run (nothing is trained),
-tabulates each parameter's precision plan and optimizer group with the bytes it and its optimizer
-state hold, and compiles the train step once to read XLA's memory analysis, whose temporaries are
-the activations and scratch of a step. The totals are the bytes of the arrays the
-``TrainState`` actually holds.
+For a model config and a recipe, :func:`inspect_run` builds the run abstractly (the train state's
+arrays are ``jax.ShapeDtypeStruct`` s from :func:`jax.eval_shape`: nothing is allocated or
+trained, so a GPT-2 sized model inspects on a laptop), tabulates each parameter's precision plan
+and optimizer group with the bytes it and its optimizer state hold, and compiles the train step
+once to read XLA's memory analysis, whose temporaries are the activations and scratch of a step.
+The totals are the bytes of the arrays the ``TrainState`` would hold.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def inspect_run(config: RunConfig, *, audit: bool = False) -> Inspection:
       >>> found.memory["bytes_per_param"] == found.memory["total"] / found.memory["num_params"]
       True
     """
-    run = build(config)
+    run = build(config, abstract=True)
     state = run.state
     params = state.params
     with warnings.catch_warnings():

@@ -103,10 +103,11 @@ def train(
         # previous: (t - 1, its metrics), read after step t's dispatch. end: config.steps, or
         # the step at which the validation loss reached config.target_loss.
         t, previous, end = first, None, config.steps
+        batches = stack.enter_context(contextlib.closing(run.train_batches(first)))
         while t < end or previous is not None:
             current = None
             if t < end:
-                state, metrics = run.step(state, _train_batch(run, t))
+                state, metrics = run.step(state, next(batches))
                 current = (t, metrics)
             if previous is not None:
                 host = journal.read_step(*previous)
@@ -114,6 +115,8 @@ def train(
                 if reason := _observe(guard, run, state, previous[0], host):
                     state = _roll_back(ckpt, guard, journal, bar, state, previous[0], reason, run)
                     t, previous = int(jax.device_get(state.step)), None
+                    batches.close()  # the batches read ahead are those of the abandoned path
+                    batches = stack.enter_context(contextlib.closing(run.train_batches(t)))
                     continue
             if current is None:
                 break
@@ -151,15 +154,21 @@ def train(
     if main:
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-    eval_params = _eval_params(run, state)
-    sample = generate(
-        run, eval_params, config.sample_chars, seed=config.seed, fp8_meta=state.fp8_meta
-    )
     if diagnose:
         _write_diagnosis(run, state, out, log)
-    log("---- sample ----")
-    log(sample)
-    log("----------------")
+    if run.tokenizer is None:
+        log(f"no sample: {config.data} has no vocabulary (meta.pkl or meta.json with itos)")
+    else:
+        sample = generate(
+            run,
+            _eval_params(run, state),
+            config.sample_chars,
+            seed=config.seed,
+            fp8_meta=state.fp8_meta,
+        )
+        log("---- sample ----")
+        log(sample)
+        log("----------------")
     log(
         f"wall time {summary['wall_time_s']:.1f} s, {summary['tokens_per_s']:,.0f} tokens/s, "
         f"{summary['skipped_steps']} skipped steps"
@@ -175,8 +184,7 @@ def train(
 
 
 def _train_batch(run: Run, t: int) -> Any:
-    """Step ``t``'s batch: a function of the seed and ``t`` alone, so a resumed or rolled-back
-    run sees the same batches as an uninterrupted one."""
+    """Step ``t``'s batch alone (:meth:`Run.train_batches` gives them in order)."""
     return run.sample_train(jax.random.fold_in(run.data_key, t))
 
 

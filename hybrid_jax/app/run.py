@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -42,12 +43,14 @@ class Run:
     Attributes:
       config: the settings it was built from, with ``precision="auto"`` resolved.
       precision_reason: why the precision is what it is (``"as given"`` unless it was auto).
-      tokenizer: the corpus' character tokenizer.
+      tokenizer: the corpus' character tokenizer (``None`` for token files without a
+        vocabulary in their meta: the run then trains and evaluates, but prints no sample).
       graphdef: the GPT's ``nnx.GraphDef``; ``nnx.merge(graphdef, params, fp8_meta)`` rebuilds it.
       state: the initial :class:`~hybrid_jax.train.TrainState` (sharded when there is a mesh).
       step: the jitted train step ``(state, batch) -> (state, metrics)``; donates ``state``.
       eval_step: the jitted ``(params, batch, fp8_meta) -> {term: loss}``.
-      sample_train: ``key -> (tokens, targets)``, a training batch sampled on the device.
+      sample_train: ``key -> (tokens, targets)``, a training batch on the device (sampled
+        there from a text corpus, read on the host from token files).
       val_set: the fixed validation batches, stacked on a leading axis.
       data_key: the key that step ``t``'s batch is folded from.
       loss_terms: ``(compute_params, batch, rng, fp8_meta) -> {"lm": ..., "z_loss": ...}``.
@@ -55,6 +58,9 @@ class Run:
       weighting: how the loss terms add up.
       optimizer: the optimizer the state was created with.
       mesh: the device mesh, or ``None`` on one device.
+      host_batch: for token files, ``key -> (tokens, targets)`` as NumPy arrays read from the
+        memmap (what :meth:`train_batches` prefetches); ``None`` when batches are sampled on the
+        device.
     """
 
     config: RunConfig
@@ -72,10 +78,34 @@ class Run:
     weighting: Weighted
     optimizer: optax.GradientTransformation
     mesh: Mesh | None = None
+    host_batch: Callable[[jax.Array], tuple[np.ndarray, np.ndarray]] | None = None
+
+    def train_batches(self, first: int) -> Iterator[Any]:
+        """The batches of steps ``first, first + 1, ...``: step ``t``'s comes from
+        ``fold_in(data_key, t)``, so a resumed run sees the batches of an uninterrupted one.
+
+        From token files a background thread reads them on the host and keeps
+        :data:`PREFETCH` of them ready on the device (:func:`~hybrid_jax.data.prefetch`);
+        ``close()`` the iterator to stop it. From a text corpus they are sampled on the device
+        as each step asks, asynchronously already.
+        """
+        keys = (jax.random.fold_in(self.data_key, t) for t in itertools.count(first))
+        if self.host_batch is None:
+            return (self.sample_train(key) for key in keys)
+        placement = None if self.mesh is None else batch_sharding(self.mesh)
+        return data_lib.prefetch(map(self.host_batch, keys), PREFETCH, placement)
 
 
-def build(config: RunConfig) -> Run:
+#: Batches read ahead from token files: two hide one slow read behind a step.
+PREFETCH = 2
+
+
+def build(config: RunConfig, *, abstract: bool = False) -> Run:
     """Builds everything a run needs, without running it.
+
+    With ``abstract=True`` the parameters and the train state are ``jax.ShapeDtypeStruct``
+    trees (:func:`jax.eval_shape`), never allocated: enough to count their bytes and to lower
+    and compile the step (``run.step.lower(run.state, batch)``) for a model that would not fit.
 
     With ``config.mesh`` (e.g. ``"data=4,fsdp=2"``) the state is sharded over a device mesh
     (:mod:`hybrid_jax.train.sharding`), batches are sampled straight into their shards and the
@@ -94,20 +124,21 @@ def build(config: RunConfig) -> Run:
             )
     dataset = data_lib.load_dataset(config.data, block_size=config.block_size)
     tokenizer = dataset.tokenizer
-    # On the device once: batches are then sampled there, and the host never builds one. With a
-    # mesh, every device holds the (small) corpus and samples its own share of each batch.
-    to_device = jnp.asarray if mesh is None else lambda x: jax.device_put(x, replicated(mesh))
-    train_tokens, val_tokens = to_device(dataset.train), to_device(dataset.val)
-    model = GPT(
-        GPTConfig(
-            vocab_size=tokenizer.vocab_size,
-            block_size=config.block_size,
-            n_layer=config.n_layer,
-            n_head=config.n_head,
-            n_embd=config.n_embd,
-        ),
-        rngs=nnx.Rngs(config.seed),
+    vocab_size = config.vocab_size or dataset.vocab_size
+    if vocab_size < dataset.vocab_size:
+        raise ValueError(
+            f"vocab_size {vocab_size} is smaller than the data's vocabulary "
+            f"({dataset.vocab_size} token ids in {dataset.source})"
+        )
+    gpt_config = GPTConfig(
+        vocab_size=vocab_size,
+        block_size=config.block_size,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_embd=config.n_embd,
     )
+    new_model = lambda: GPT(gpt_config, rngs=nnx.Rngs(config.seed))
+    model = nnx.eval_shape(new_model) if abstract else new_model()
     precision = load_precision(config.precision)
     # fp8/int8 compute reaches the matmuls; the cast plan leaves those weights to them.
     cast_plan = quantize_matmuls(model, precision, fp8_scaling=config.fp8_scaling)
@@ -126,7 +157,7 @@ def build(config: RunConfig) -> Run:
     tx = build_optimizer(config, precision)
     # An fp32 average, whatever the params' dtype: a bf16 one would round its small steps away.
     ema = EMA(config.ema_decay, warmup_steps=10, dtype=jnp.float32) if config.ema_decay else None
-    state = TrainState.create(
+    create_state = lambda params: TrainState.create(
         params,
         tx,
         loss_scale=loss_scale,
@@ -136,10 +167,10 @@ def build(config: RunConfig) -> Run:
         fp8_meta=no_fp8_meta,
         ema=ema,
     )
-    if mesh is not None:
+    state = jax.eval_shape(create_state, params) if abstract else create_state(params)
+    if mesh is not None and not abstract:
         state = shard_state(state, mesh)
-    batch_size, block_size = config.batch_size, config.block_size
-    sample = lambda key: data_lib.sample_batch(train_tokens, key, batch_size, block_size)
+    sample_train, val_set, host_batch = _batches(config, dataset, mesh)
     return Run(
         config=config,
         precision_reason=precision_reason,
@@ -156,19 +187,45 @@ def build(config: RunConfig) -> Run:
             mesh=mesh,
         ),
         eval_step=make_eval_step(loss_terms, precision=cast_plan),
-        sample_train=jax.jit(sample)
-        if mesh is None
-        else jax.jit(sample, out_shardings=batch_sharding(mesh)),
-        val_set=data_lib.eval_batches(
-            val_tokens, config.eval_batches, config.eval_batch_size, block_size, seed=config.seed
-        ),
+        sample_train=sample_train,
+        val_set=val_set,
         data_key=jax.random.key_data(jax.random.key(config.seed + 1)),
         loss_terms=loss_terms,
         precision=cast_plan,
         weighting=weighting,
         optimizer=tx,
         mesh=mesh,
+        host_batch=host_batch,
     )
+
+
+def _batches(config: RunConfig, dataset: Any, mesh: Mesh | None) -> tuple[Any, Any, Any]:
+    """``(sample_train, val_set, host_batch)`` of a text corpus (sampled on the device) or of
+    token files (read on the host): the same batches for the same token ids and seed."""
+    b, t = config.batch_size, config.block_size
+    n, eval_b, seed = config.eval_batches, config.eval_batch_size, config.seed
+    # With a mesh, every device holds the validation set (and a text corpus: it is small).
+    place = jnp.asarray if mesh is None else lambda x: jax.device_put(x, replicated(mesh))
+    if isinstance(dataset, data_lib.TokenDataset):
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"token files ({dataset.source}) train in one process for now: every process "
+                "would feed the whole batch; use a text corpus, or one process with a mesh"
+            )
+        host_batch = lambda key: data_lib.sample_batch_host(dataset.train, key, b, t)
+        placement = None if mesh is None else batch_sharding(mesh)
+        sample_train = lambda key: jax.device_put(host_batch(key), placement)
+        val_set = data_lib.eval_batches_host(dataset.val, n, eval_b, t, seed=seed)
+        return sample_train, jax.tree_util.tree_map(place, val_set), host_batch
+    # On the device once: batches are then sampled there, and the host never builds one; with a
+    # mesh, every device samples its own share of each batch.
+    train_tokens, val_tokens = place(dataset.train), place(dataset.val)
+    sample = lambda key: data_lib.sample_batch(train_tokens, key, b, t)
+    sample_train = (
+        jax.jit(sample) if mesh is None else jax.jit(sample, out_shardings=batch_sharding(mesh))
+    )
+    val_set = data_lib.eval_batches(val_tokens, n, eval_b, t, seed=seed)
+    return sample_train, val_set, None
 
 
 def generate(
