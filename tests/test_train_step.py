@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import hybrid_jax as hj
-from hybrid_jax.losses import PCGrad, Uncertainty, Weighted
+from hybrid_jax.losses import DWA, PCGrad, Uncertainty, Weighted
 from hybrid_jax.optim import by_path, with_precision
 from hybrid_jax.train import TrainState, make_train_step
 
@@ -239,6 +239,18 @@ def test_uncertainty_weights_are_learned_inside_the_step():
     for i in range(3):
         state, metrics = step(state, _batch(i))
     assert jax.tree.map(float, state.weight_params) != start
+    assert float(metrics["weight/mse"]) != 1.0
+
+
+def test_dwa_runs_inside_the_donated_step():
+    """DWA's state has three dicts of averages: each must own its buffers, or the donated step
+    would donate one buffer twice."""
+    weighting = DWA(temperature=2.0, period=1)
+    tx = optax.sgd(0.01)
+    state = TrainState.create(_params(), tx, weighting=weighting, loss_names=["mse", "l2"])
+    step = make_train_step(_terms, optimizer=tx, weighting=weighting)
+    for i in range(3):
+        state, metrics = step(state, _batch(i))
     assert float(metrics["weight/mse"]) != 1.0
 
 

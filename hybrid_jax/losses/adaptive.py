@@ -176,9 +176,11 @@ class DWA(Weighting):
         """``({}, DWAState)`` with every average at 0 and no complete window."""
         # Sorted, as JAX flattens dicts: the summation order then never changes between steps.
         names = sorted(check_names(names, "DWA.init"))
-        zeros = {name: jnp.zeros((), jnp.float32) for name in names}
+        # A fresh array per field: a train step donates the state, and one buffer in two
+        # fields would be donated twice.
+        zeros = lambda: {name: jnp.zeros((), jnp.float32) for name in names}
         state = DWAState(
-            zeros, dict(zeros), dict(zeros), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+            zeros(), zeros(), zeros(), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
         )
         return {}, state
 
