@@ -1,6 +1,7 @@
 """hybrid_jax: mixed- and low-precision training with hybrid optimizers in JAX."""
 
 from hybrid_jax import diagnostics, losses, mixing, optim, precision, train, tree
+from hybrid_jax._table import Table
 from hybrid_jax.precision import (
     DynamicLossScale,
     NoOpLossScale,
@@ -24,6 +25,7 @@ __all__ = [
     "Policy",
     "PrecisionRules",
     "StaticLossScale",
+    "Table",
     "TrainState",
     "UnusedRuleWarning",
     "all_finite",

@@ -35,7 +35,18 @@ class Table:
     """Rows of values under named columns, with footer rows (per-group lines, a total).
 
     ``rows`` and ``footer`` keep the raw values (ints, tuples) for programs; ``str()`` and the
-    notebook rendering format them.
+    notebook rendering (``_repr_html_``) format them. Public as ``hybrid_jax.Table``: the
+    package's reports return one, and a notebook can make its own.
+
+    Examples:
+      >>> table = Table(("recipe", "val loss"), (("fp32", 1.61), ("bf16-mixed", 1.62)))
+      >>> print(table)
+      recipe      val loss
+      ----------  --------
+      fp32        1.61
+      bf16-mixed  1.62
+      >>> table.column("val loss")
+      [1.61, 1.62]
     """
 
     columns: tuple[str, ...]

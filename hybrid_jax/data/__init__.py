@@ -4,12 +4,12 @@ from hybrid_jax.data.batches import eval_batches, eval_batches_host, sample_batc
 from hybrid_jax.data.prefetch import Prefetcher, prefetch
 from hybrid_jax.data.text import (
     EMBEDDED_NAME,
-    CharTokenizer,
     TextDataset,
     load_dataset,
     load_text,
     train_val_split,
 )
+from hybrid_jax.data.tokenizer import CharTokenizer
 from hybrid_jax.data.tokens import (
     GPT2_VOCAB_SIZE,
     TokenDataset,

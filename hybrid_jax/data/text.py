@@ -13,13 +13,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from hybrid_jax.data.tokens import TokenDataset
+from hybrid_jax.data.tokenizer import CharTokenizer
+from hybrid_jax.data.tokens import TokenDataset, is_token_folder, load_token_files
 
 EMBEDDED_NAME = "tinyshakespeare.txt"
 """The file name of the embedded corpus, a resource of :mod:`hybrid_jax.data`."""
@@ -69,88 +67,6 @@ def load_text(path: _Path | None = None) -> str:
     if not text:
         raise ValueError(f"text file {where!r} is empty")
     return text
-
-
-@dataclasses.dataclass(frozen=True)
-class CharTokenizer:
-    """A character-level tokenizer: token ``i`` is ``chars[i]``.
-
-    Build it with :meth:`from_text`, which sorts the distinct characters of a text by code
-    point, as nanoGPT's ``prepare.py`` does (``sorted(set(text))``).
-
-    Attributes:
-      chars: the vocabulary, one character per token id, in id order.
-
-    Examples:
-      >>> tok = CharTokenizer.from_text("hello world")
-      >>> tok.vocab_size, tok.chars
-      (8, ' dehlorw')
-      >>> ids = tok.encode("low")
-      >>> ids, tok.decode(ids)
-      (array([4, 5, 7], dtype=int32), 'low')
-    """
-
-    chars: str
-
-    def __post_init__(self):
-        if not self.chars or len(set(self.chars)) != len(self.chars):
-            raise ValueError(
-                f"chars must be non-empty and without repeats, got {self.chars[:80]!r}"
-            )
-        code_points = _code_points(self.chars)
-        if np.any(np.diff(code_points.astype(np.int64)) <= 0):
-            raise ValueError("chars must be sorted by code point; build with from_text")
-
-    @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        """The tokenizer whose vocabulary is every character of ``text``, sorted."""
-        if not text:
-            raise ValueError("cannot build a vocabulary from an empty text")
-        return cls("".join(sorted(set(text))))
-
-    @property
-    def vocab_size(self) -> int:
-        """The number of token ids."""
-        return len(self.chars)
-
-    def encode(self, text: str) -> np.ndarray:
-        """Token ids of ``text``, a 1-D ``int32`` array.
-
-        Raises:
-          ValueError: ``text`` has characters outside the vocabulary (listed).
-        """
-        vocab = _code_points(self.chars)
-        points = _code_points(text)
-        ids = np.searchsorted(vocab, points)
-        unknown = (ids >= len(vocab)) | (vocab[np.minimum(ids, len(vocab) - 1)] != points)
-        if np.any(unknown):
-            missing = sorted({chr(p) for p in points[unknown]})
-            raise ValueError(
-                f"{len(missing)} characters are not in the vocabulary of {self.vocab_size}: "
-                f"{''.join(missing)[:80]!r}"
-            )
-        return ids.astype(np.int32)
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        """The text of token ids (any integer sequence or array, also a JAX array).
-
-        Raises:
-          ValueError: an id outside ``[0, vocab_size)``.
-        """
-        ids = np.asarray(ids).reshape(-1)
-        if ids.size and not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
-        bad = (ids < 0) | (ids >= self.vocab_size)
-        if np.any(bad):
-            raise ValueError(
-                f"token id {int(ids[bad][0])} is outside the vocabulary [0, {self.vocab_size})"
-            )
-        table = np.array(list(self.chars))
-        return "".join(table[ids.astype(np.int64)].tolist())
-
-
-def _code_points(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
 def train_val_split(tokens: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -227,9 +143,6 @@ def load_dataset(
       >>> data.vocab_size, len(data.train), len(data.val)
       (65, 1003854, 111540)
     """
-    # tokens.py builds its tokenizers from this module, so it is imported when needed here.
-    from hybrid_jax.data.tokens import is_token_folder, load_token_files
-
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if path is not None and os.path.isdir(path):

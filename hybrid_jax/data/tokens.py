@@ -20,7 +20,7 @@ import pickle
 
 import numpy as np
 
-from hybrid_jax.data.text import CharTokenizer
+from hybrid_jax.data.tokenizer import CharTokenizer
 
 GPT2_VOCAB_SIZE = 50304
 """The vocabulary of a token folder without meta: GPT-2's 50257 padded to 50304, as nanoGPT."""
