@@ -1,5 +1,7 @@
 """hybrid-jax inspect (app.inspection): the plan and memory of a recipe, before training."""
 
+import html
+
 import jax
 import numpy as np
 
@@ -40,6 +42,8 @@ def test_rows_name_the_dtypes_and_groups():
     assert rows["ln_f/scale"][4] == "adam (no decay)"
     text = str(found)
     assert "bytes each" in text and "temporaries" in text
+    page = found._repr_html_()  # a notebook shows the table and both lines
+    assert page.startswith("<table>") and all(html.escape(line) in page for line in found.lines())
     np.testing.assert_allclose(
         found.memory["bytes_per_param"], found.memory["total"] / found.memory["num_params"]
     )

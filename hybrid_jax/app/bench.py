@@ -363,16 +363,18 @@ def write_outputs(rows: Sequence[dict[str, Any]], out: str | os.PathLike) -> lis
     return paths + _plots(rows, out)
 
 
-def _plots(rows: Sequence[dict[str, Any]], out: str | os.PathLike) -> list[str]:
-    import matplotlib
+def plots(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The bench's figures, by file stem: ``val_loss`` (the curve of each recipe) and
+    ``time_memory`` (step time, state bytes per parameter, XLA's memory analysis).
 
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
+    ``matplotlib.figure.Figure`` objects made without pyplot, so that no backend is switched:
+    a notebook shows them inline (``display(fig)``), :func:`write_outputs` saves them.
+    """
+    from matplotlib.figure import Figure
 
     names = [r["recipe"] for r in rows]
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    loss_fig = Figure(figsize=(8, 5))
+    ax = loss_fig.subplots()
     for r in rows:
         steps, losses = zip(*r["val_loss_curve"], strict=True)
         style = "--" if r["diverged"] else "-"
@@ -382,9 +384,9 @@ def _plots(rows: Sequence[dict[str, Any]], out: str | os.PathLike) -> list[str]:
     if finite:
         ax.set_ylim(min(finite) * 0.97, max(finite) * 1.03)
     ax.legend(fontsize=8)
-    paths.append(_save(fig, out, "val_loss.png"))
 
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.5))
+    cost_fig = Figure(figsize=(16, 4.5))
+    left, middle, right = cost_fig.subplots(1, 3)
     left.bar(names, [r["step_time_ms"] for r in rows])
     left.set(ylabel="median step time (ms)", title=f"Step time ({rows[0]['backend']})")
     middle.bar(names, [r["state_bytes_per_param"] for r in rows])
@@ -396,16 +398,17 @@ def _plots(rows: Sequence[dict[str, Any]], out: str | os.PathLike) -> list[str]:
     right.legend(fontsize=8)
     for ax in (left, middle, right):
         ax.tick_params(axis="x", labelrotation=60, labelsize=8)
-    paths.append(_save(fig, out, "time_memory.png"))
-    plt.close("all")
+    for fig in (loss_fig, cost_fig):
+        fig.tight_layout()
+    return {"val_loss": loss_fig, "time_memory": cost_fig}
+
+
+def _plots(rows: Sequence[dict[str, Any]], out: str | os.PathLike) -> list[str]:
+    paths = []
+    for stem, fig in plots(rows).items():
+        paths.append(os.path.join(out, f"{stem}.png"))
+        fig.savefig(paths[-1], dpi=120)
     return paths
-
-
-def _save(fig, out, name) -> str:
-    fig.tight_layout()
-    path = os.path.join(out, name)
-    fig.savefig(path, dpi=120)
-    return path
 
 
 def main(

@@ -11,6 +11,7 @@ The totals are the bytes of the arrays the ``TrainState`` would hold.
 from __future__ import annotations
 
 import dataclasses
+import html
 import warnings
 
 import jax
@@ -47,26 +48,33 @@ class Inspection:
     step_memory: dict[str, int | None]
     audit: Table | None = None
 
-    def __str__(self) -> str:
+    def lines(self) -> list[str]:
+        """The two summary lines under the table: the train state's bytes, and the compiled
+        step's memory."""
         m, s = self.memory, self.step_memory
         mb = lambda n: "-" if n is None else format_bytes(n)
+        return [
+            f"train state: {format_bytes(m['total'])} for {m['num_params']:,} parameters "
+            f"({m['bytes_per_param']:.2f} bytes each): params {format_bytes(m['params'])}, "
+            f"optimizer {format_bytes(m['opt_state'])}, other {format_bytes(m['other'])}",
+            f"compiled step (XLA memory analysis): arguments {mb(s['argument_bytes'])}, "
+            f"outputs {mb(s['output_bytes'])} ({mb(s['alias_bytes'])} in donated inputs), "
+            f"temporaries {mb(s['temp_bytes'])} (activations and scratch)",
+        ]
+
+    def __str__(self) -> str:
+        audit = [] if self.audit is None else ["", _AUDIT_TITLE, str(self.audit)]
+        return "\n".join([str(self.table), *self.lines(), *audit])
+
+    def _repr_html_(self) -> str:
+        lines = "".join(f"<p>{html.escape(line)}</p>" for line in self.lines())
         audit = (
-            []
-            if self.audit is None
-            else ["", "precision audit of the compiled step", str(self.audit)]
+            "" if self.audit is None else f"<p><b>{_AUDIT_TITLE}</b></p>{self.audit._repr_html_()}"
         )
-        return "\n".join(
-            [
-                str(self.table),
-                f"train state: {format_bytes(m['total'])} for {m['num_params']:,} parameters "
-                f"({m['bytes_per_param']:.2f} bytes each): params {format_bytes(m['params'])}, "
-                f"optimizer {format_bytes(m['opt_state'])}, other {format_bytes(m['other'])}",
-                f"compiled step (XLA memory analysis): arguments {mb(s['argument_bytes'])}, "
-                f"outputs {mb(s['output_bytes'])} ({mb(s['alias_bytes'])} in donated inputs), "
-                f"temporaries {mb(s['temp_bytes'])} (activations and scratch)",
-                *audit,
-            ]
-        )
+        return self.table._repr_html_() + lines + audit
+
+
+_AUDIT_TITLE = "precision audit of the compiled step"
 
 
 def inspect_run(config: RunConfig, *, audit: bool = False) -> Inspection:
