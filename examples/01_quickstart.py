@@ -19,9 +19,8 @@ from hybrid_jax.models import Trainer
 
 class MLP(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
-        self.layers = nnx.List(
-            [nnx.Linear(1, 64, rngs=rngs), nnx.Linear(64, 64, rngs=rngs), nnx.Linear(64, 1, rngs=rngs)]
-        )
+        sizes = [(1, 64), (64, 64), (64, 1)]
+        self.layers = nnx.List([nnx.Linear(i, o, rngs=rngs) for i, o in sizes])
 
     def __call__(self, x):
         for layer in self.layers[:-1]:

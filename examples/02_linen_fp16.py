@@ -56,8 +56,10 @@ for _ in range(300):
     state, metrics = step(state, batch)
     history.append(jax.tree_util.tree_map(float, metrics))
 skipped = [m["skipped"] for m in history]
-print(f"{int(sum(skipped))} of {len(history)} steps skipped; loss {history[0]['loss']:.4f} -> "
-      f"{history[-1]['loss']:.4f}; final scale 2**{np.log2(history[-1]['loss_scale']):.0f}")
+print(
+    f"{int(sum(skipped))} of {len(history)} steps skipped; loss {history[0]['loss']:.4f} -> "
+    f"{history[-1]['loss']:.4f}; final scale 2**{np.log2(history[-1]['loss_scale']):.0f}"
+)
 
 # %% [markdown]
 # The first steps overflow and are skipped: the parameters, the optimizer state and Adam's
@@ -69,8 +71,13 @@ print(f"{int(sum(skipped))} of {len(history)} steps skipped; loss {history[0]['l
 steps = np.arange(len(history))
 fig, axes = plt.subplots(1, 2, figsize=(9, 3))
 axes[0].semilogy(steps, [m["loss_scale"] for m in history], base=2)
-axes[0].scatter(steps[np.array(skipped) > 0], [m["loss_scale"] for m in history if m["skipped"]],
-                color="red", s=8, label="skipped")
+axes[0].scatter(
+    steps[np.array(skipped) > 0],
+    [m["loss_scale"] for m in history if m["skipped"]],
+    color="red",
+    s=8,
+    label="skipped",
+)
 axes[0].set(xlabel="step", ylabel="loss scale")
 axes[0].legend()
 axes[1].semilogy(steps, [m["loss"] for m in history])
@@ -106,8 +113,9 @@ def fp8_loss_terms(compute_variables, batch, rng):
 
 loss_scale = hj.DynamicLossScale(2.0**15)
 state = hj.TrainState.create(variables, tx, loss_scale=loss_scale, precision=matmuls.plan)
-step = hj.make_train_step(fp8_loss_terms, optimizer=tx, precision=matmuls.plan,
-                          loss_scale=loss_scale)
+step = hj.make_train_step(
+    fp8_loss_terms, optimizer=tx, precision=matmuls.plan, loss_scale=loss_scale
+)
 for _ in range(300):
     state, metrics = step(state, batch)
 print(f"fp8 + fp16: loss {float(metrics['loss']):.4f}, scale {float(metrics['loss_scale']):.0f}")
