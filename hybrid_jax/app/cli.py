@@ -12,7 +12,7 @@ from typing import Any
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """The flags that decide a run's model, data, precision and optimizer (train, inspect)."""
     from hybrid_jax.app.config import LOSS_SCALES, MODEL_PRESETS, OPTIMIZERS, RunConfig
-    from hybrid_jax.models import FP8_SCALINGS
+    from hybrid_jax.models import ATTENTION, FP8_SCALINGS
     from hybrid_jax.precision import PRESETS
 
     d = RunConfig()
@@ -55,6 +55,14 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-layer", type=int, default=None, help="blocks (--model's)")
     p.add_argument("--n-head", type=int, default=None, help="attention heads (--model's)")
     p.add_argument("--n-embd", type=int, default=None, help="channels (--model's)")
+    p.add_argument(
+        "--attention",
+        default=d.attention,
+        choices=ATTENTION,
+        help="attention core: auto (cuDNN flash attention on a CUDA GPU with bf16/fp16, else "
+        "ops), ops (ours, closed-form backward), xla or cudnn (jax.nn.dot_product_attention) "
+        "(%(default)s)",
+    )
     p.add_argument(
         "--vocab-size",
         type=int,

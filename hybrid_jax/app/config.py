@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hybrid_jax.models import FP8_SCALINGS
+from hybrid_jax.models import ATTENTION, FP8_SCALINGS
 from hybrid_jax.optim import group_labels, muon_adamw, muon_adamw_rules, with_precision
 from hybrid_jax.precision import Policy, PrecisionRules
 from hybrid_jax.train import parse_mesh
@@ -96,6 +96,7 @@ class RunConfig:
     n_head: int | None = None  # None: the model preset's (baby: 4)
     n_embd: int | None = None  # None: the model preset's (baby: 128)
     vocab_size: int | None = None  # None: the data's (token files without meta: 50304)
+    attention: str = "auto"  # GPTConfig.attention: cuDNN flash attention where it can run
     lr: float | None = None  # None: DEFAULT_LR[optimizer]
     min_lr: float | None = None  # None: lr / 10
     muon_lr: float = 1e-2
@@ -121,6 +122,8 @@ class RunConfig:
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"unknown attention {self.attention!r}; choose from {ATTENTION}")
         if self.model not in MODEL_PRESETS:
             raise ValueError(f"unknown model {self.model!r}; choose from {tuple(MODEL_PRESETS)}")
         if not 0.0 <= self.ema_decay < 1.0:

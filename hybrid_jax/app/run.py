@@ -136,6 +136,7 @@ def build(config: RunConfig, *, abstract: bool = False) -> Run:
         n_layer=config.n_layer,
         n_head=config.n_head,
         n_embd=config.n_embd,
+        attention=config.attention,
     )
     new_model = lambda: GPT(gpt_config, rngs=nnx.Rngs(config.seed))
     model = nnx.eval_shape(new_model) if abstract else new_model()

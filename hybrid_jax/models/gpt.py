@@ -16,19 +16,21 @@ Parameter paths (``nnx.state(model, nnx.Param)``; the ``bias`` leaves only with 
 
 Precision. The model computes in the dtype of its parameters: cast them to bf16
 (``hybrid_jax.cast_to_compute(params, "bf16-mixed")``) and the matmuls run in bf16. The fp32
-islands are explicit ``.astype(jnp.float32)`` casts: LayerNorm statistics, the attention softmax,
-and the logits, which are fp32 whatever the parameters. Leaves may differ in dtype (per-leaf
-precision rules): the residual stream keeps the token embedding's dtype, each linear layer
-computes in its kernel's dtype, and every change between them is an explicit cast, so nothing
-upcasts silently (the tests run under strict dtype promotion).
+islands are explicit: LayerNorm statistics, the attention scores and softmax (fp32 in every
+attention core, see :func:`resolve_attention`), and the logits, which are fp32 whatever the
+parameters. Leaves may differ in dtype (per-leaf precision rules): the residual stream keeps the
+token embedding's dtype, each linear layer computes in its kernel's dtype, and every change
+between them is an explicit cast, so nothing upcasts silently (the tests run under strict dtype
+promotion).
 
 Speed. Activations stay 2-D (``B·T x C``) around every matmul, so a linear layer is one GEMM and
 its gradient two GEMMs with no batch dimensions for XLA to transpose around; only attention sees
-the heads, as batched GEMMs over ``B x H``. GELU, LayerNorm and the attention core state their
-derivatives in closed form (:mod:`hybrid_jax.models.ops`), which leaves XLA fewer elementwise
-passes and fewer temporaries to allocate (XLA:CPU allocates them on every call; the CLI's
-``_keep_freed_memory`` explains what that costs). ``jax.checkpoint`` does not lower them: XLA:CPU
-drops its optimisation barriers and merges the recomputation back into the forward pass.
+the heads, as batched GEMMs over ``B x H`` (or, on a CUDA GPU with bf16 or fp16 activations,
+in cuDNN's flash attention: ``GPTConfig.attention``). GELU, LayerNorm and the attention core
+state their derivatives in closed form (:mod:`hybrid_jax.models.ops`), which leaves XLA fewer
+elementwise passes and fewer temporaries to allocate (XLA:CPU allocates them on every call; the
+CLI's ``_keep_freed_memory`` explains what that costs). ``jax.checkpoint`` does not lower them:
+XLA:CPU drops its optimisation barriers and merges the recomputation back into the forward pass.
 ``benchmarks/model_speed.py`` times all of this.
 
 References:
@@ -43,6 +45,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Callable
 
 import jax
@@ -53,6 +56,9 @@ from hybrid_jax.models.ops import causal_attention, gelu, layer_norm
 
 DotGeneral = Callable[..., jax.Array]
 """The signature of :func:`jax.lax.dot_general`: ``(lhs, rhs, dimension_numbers) -> out``."""
+
+ATTENTION = ("auto", "ops", "xla", "cudnn")
+"""The names :attr:`GPTConfig.attention` accepts."""
 
 _INIT_STD = 0.02
 # x_NxI @ w_IxO: contract the last axis of x with the first of w.
@@ -74,14 +80,27 @@ class GPTConfig:
       bias: biases in the linear layers and LayerNorms (nanoGPT's ``train.py`` default is
         ``False``; the output head never has one).
       tie_embeddings: the output head reuses the token embedding, as in nanoGPT.
+      attention: the attention core, one of :data:`ATTENTION`. ``"ops"``:
+        :func:`~hybrid_jax.models.ops.causal_attention`, heads transposed next to the batch,
+        a closed-form backward pass. ``"xla"``: :func:`jax.nn.dot_product_attention` on
+        ``[B, T, H, D]`` as JAX writes it, differentiated by autodiff (its bf16 gradient does
+        not compile under ``jax_numpy_dtype_promotion="strict"`` in jax 0.10: a JAX issue).
+        ``"cudnn"``: the same function running cuDNN's fused flash attention, which never
+        stores the ``[T, T]`` probabilities (CUDA GPUs only, fp16 or bf16 activations).
+        ``"auto"`` (the default) picks ``"cudnn"`` where cuDNN takes the inputs and ``"ops"``
+        elsewhere, when the model is traced. :func:`resolve_attention` says which runs, why,
+        and at what precision.
 
     Raises:
-      ValueError: a size that is not a positive integer, or ``n_head`` not dividing ``n_embd``.
+      ValueError: a size that is not a positive integer, ``n_head`` not dividing ``n_embd``, or
+        an ``attention`` not in :data:`ATTENTION`.
 
     Examples:
       >>> config = GPTConfig(vocab_size=65)
       >>> config.n_layer, config.n_head, config.n_embd, config.block_size, config.bias
       (4, 4, 128, 64, False)
+      >>> config.attention
+      'auto'
     """
 
     vocab_size: int
@@ -91,6 +110,7 @@ class GPTConfig:
     n_embd: int = 128
     bias: bool = False
     tie_embeddings: bool = True
+    attention: str = "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -102,6 +122,100 @@ class GPTConfig:
                 f"GPTConfig.n_head={self.n_head} must divide n_embd={self.n_embd} "
                 "(each head gets n_embd // n_head channels)"
             )
+        _check_attention(self.attention)
+
+
+def resolve_attention(
+    attention: str,
+    dtype: jax.typing.DTypeLike,
+    seq_len: int,
+    head_size: int,
+    backend: str | None = None,
+) -> str:
+    """The core :attr:`GPTConfig.attention` stands for: ``"ops"``, ``"xla"`` or ``"cudnn"``.
+
+    ``"auto"`` is decided when the model is traced: ``"cudnn"`` where cuDNN's flash attention
+    takes the inputs (a CUDA GPU of compute capability 8.0 or later, fp16 or bf16 activations,
+    a head size that is a multiple of 8 up to 128, or 256 from compute capability 9.0: the
+    limits JAX checks) and the sequence length is even; ``"ops"`` everywhere else. Odd lengths
+    go to ``"ops"`` because JAX's cuDNN gradient refuses them (jax 0.10 and 0.11 take the
+    placeholder for "no bias" for a bias, and cuDNN's backward pass with a bias needs even
+    lengths); its forward pass takes them, but whether a gradient follows is not known here.
+
+    On an H200, GPT-2 124M (context 1024, batch 16, bf16-mixed) trains 1.7x faster with cuDNN
+    than with ``"ops"`` and needs 8.8 instead of 21.5 GiB of temporaries. ``"ops"`` was as fast
+    as ``"xla"`` or faster, with less memory, in bf16 and fp32 on that GPU and on XLA:CPU: so it
+    is the fallback, TPUs included.
+
+    ``jax.nn.dot_product_attention``'s own default, ``implementation=None``, makes no such
+    choice: in jax 0.10 (and 0.11) it runs the XLA implementation on every backend, its source
+    leaving automatic selection as a to-do. cuDNN has to be named, and fails at trace time on
+    inputs it does not take, hence the checks here.
+
+    Softmax precision: ``"ops"`` and ``"xla"`` compute the scores into fp32 and take the
+    softmax in fp32; cuDNN keeps the scores and the softmax statistics in fp32 inside its
+    kernel. All three round the probabilities to the activations' dtype for the product with
+    ``v``, so that bf16 activations give bf16 attention outputs.
+
+    Args:
+      attention: one of :data:`ATTENTION`.
+      dtype: the dtype of ``q``, ``k`` and ``v`` (the ``qkv`` projection's output).
+      seq_len: the sequence length ``T``.
+      head_size: channels per head, ``n_embd // n_head``.
+      backend: the platform, by default :func:`jax.default_backend`.
+
+    Returns:
+      The core that runs: ``attention`` itself, unless it is ``"auto"``.
+
+    Raises:
+      ValueError: ``attention`` is not in :data:`ATTENTION`, or it is ``"cudnn"`` where cuDNN's
+        flash attention does not take the inputs.
+
+    Examples:
+      >>> resolve_attention("auto", jnp.bfloat16, 1024, 64, backend="cpu")
+      'ops'
+      >>> resolve_attention("xla", jnp.float32, 1024, 12)
+      'xla'
+    """
+    _check_attention(attention)
+    if attention not in ("auto", "cudnn"):
+        return attention
+    backend = backend or jax.default_backend()
+    capability = _cuda_capability() if backend == "gpu" else None
+    max_head = 256 if capability and capability >= (9, 0) else 128
+    cudnn = (
+        capability is not None
+        and capability >= (8, 0)
+        and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16)
+        and head_size % 8 == 0
+        and head_size <= max_head
+    )
+    if attention == "auto" and seq_len % 2:
+        return "ops"
+    if attention == "cudnn" and not cudnn:
+        raise ValueError(
+            "GPTConfig.attention='cudnn' needs a CUDA GPU of compute capability 8.0 or later, "
+            "fp16 or bf16 activations and a head size that is a multiple of 8 up to 128 (256 "
+            f"from compute capability 9.0); got {jnp.dtype(dtype)} activations and head size "
+            f"{head_size} on {backend} (compute capability {capability}). 'auto' uses cuDNN "
+            "where it applies and 'ops' elsewhere."
+        )
+    return "cudnn" if cudnn else "ops"
+
+
+def _check_attention(attention: str) -> None:
+    if attention not in ATTENTION:
+        raise ValueError(
+            f"GPTConfig.attention must be one of {', '.join(map(repr, ATTENTION))}, "
+            f"got {attention!r}"
+        )
+
+
+def _cuda_capability() -> tuple[int, int] | None:
+    # A CUDA device reports "major.minor"; a ROCm one its gfx name; CPUs and TPUs nothing.
+    capability = getattr(jax.devices()[0], "compute_capability", "")
+    match = re.fullmatch(r"(\d+)\.(\d+)", str(capability))
+    return (int(match[1]), int(match[2])) if match else None
 
 
 def _scope(layer: nnx.Module):
@@ -190,11 +304,18 @@ class LayerNorm(nnx.Module):
 
 
 class CausalSelfAttention(nnx.Module):
-    """Multi-head causal self-attention on ``B·T x C`` activations."""
+    """Multi-head causal self-attention on ``B·T x C`` activations.
+
+    Its ``attention`` attribute (:attr:`GPTConfig.attention`, settable per layer) names the
+    core; :func:`resolve_attention` decides ``"auto"`` each time the layer is traced. The
+    products of every core multiply activations by activations and never go through
+    ``dot_general``.
+    """
 
     def __init__(self, config: GPTConfig, *, dot_general: DotGeneral | None, rngs: nnx.Rngs):
         c = config.n_embd
         self.n_head = config.n_head
+        self.attention = config.attention
         linear = functools.partial(Linear, bias=config.bias, dot_general=dot_general, rngs=rngs)
         self.qkv = linear(c, 3 * c, std=_INIT_STD)
         self.proj = linear(c, c, std=_residual_std(config))
@@ -204,13 +325,32 @@ class CausalSelfAttention(nnx.Module):
         b, t, h = batch, n // batch, self.n_head
         d = c // h
         qkv_Nx3C = self.qkv(x_NxC)
-        # One transpose puts the heads next to the batch, so that both attention products are
-        # plain batched GEMMs; measured faster than einsums on [B, T, H, D] or
-        # jax.nn.dot_product_attention, which leave the transposes to XLA.
-        q_BxHxTxD, k_BxHxTxD, v_BxHxTxD = qkv_Nx3C.reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)
-        q_BxHxTxD = q_BxHxTxD * jnp.asarray(1 / math.sqrt(d), q_BxHxTxD.dtype)
-        y_BxHxTxD = causal_attention(q_BxHxTxD, k_BxHxTxD, v_BxHxTxD)
-        return self.proj(y_BxHxTxD.transpose(0, 2, 1, 3).reshape(n, c))
+        core = resolve_attention(self.attention, qkv_Nx3C.dtype, t, d)
+        if core == "ops":
+            # One transpose puts the heads next to the batch, so that both attention products
+            # are plain batched GEMMs; on XLA:CPU measured faster than einsums on [B, T, H, D]
+            # or jax.nn.dot_product_attention, which leave the transposes to XLA.
+            qkv_3xBxHxTxD = qkv_Nx3C.reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)
+            q_BxHxTxD, k_BxHxTxD, v_BxHxTxD = qkv_3xBxHxTxD
+            q_BxHxTxD = q_BxHxTxD * jnp.asarray(1 / math.sqrt(d), q_BxHxTxD.dtype)
+            y_BxHxTxD = causal_attention(q_BxHxTxD, k_BxHxTxD, v_BxHxTxD)
+            y_BxTxHxD = y_BxHxTxD.transpose(0, 2, 1, 3)
+        else:
+            # jax.nn.dot_product_attention takes the [B, T, H, D] layout the projection gives,
+            # so there is no transpose; it scales the fp32 scores itself.
+            q_BxTxHxD, k_BxTxHxD, v_BxTxHxD = jnp.unstack(qkv_Nx3C.reshape(b, t, 3, h, d), axis=2)
+            # Standard promotion inside JAX's own code: its XLA path names the scores' dtype
+            # with jnp.promote_types(bf16, f32), which strict promotion refuses (jax 0.10).
+            with jax.numpy_dtype_promotion("standard"):
+                y_BxTxHxD = jax.nn.dot_product_attention(
+                    q_BxTxHxD,
+                    k_BxTxHxD,
+                    v_BxTxHxD,
+                    scale=1 / math.sqrt(d),
+                    is_causal=True,
+                    implementation=core,
+                )
+        return self.proj(y_BxTxHxD.reshape(n, c))
 
 
 class FeedForward(nnx.Module):

@@ -105,8 +105,9 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
     ``q`` comes scaled (by ``1 / sqrt(D)`` in a GPT): the scaled copy costs nothing where the
     heads are transposed out of the ``qkv`` projection anyway, while scaling the scores keeps
-    one more ``[B, H, T, T]`` array alive. The scores and the softmax are fp32; the two
-    products run in the inputs' dtype. The backward pass is written out
+    one more ``[B, H, T, T]`` array alive. The scores and the softmax are fp32 (the first
+    product accumulates into fp32 and is not rounded to the inputs' dtype); the probabilities
+    are rounded to the inputs' dtype for the second product. The backward pass is written out
     (``dS = P ⊙ (dP - rowsum(P ⊙ dP))``) so that it keeps only ``q, k, v`` and the
     probabilities ``P``; autodiff through ``jax.nn.softmax`` and the mask also keeps the
     unnormalised exponentials. There is no forward-mode derivative (``jax.jvp``).
@@ -127,8 +128,11 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def _attention_forward(q_BxHxTxD, k_BxHxTxD, v_BxHxTxD):
     t = q_BxHxTxD.shape[2]
-    scores_BxHxTxT = jnp.einsum("bhqd,bhkd->bhqk", q_BxHxTxD, k_BxHxTxD)
-    scores_BxHxTxT = scores_BxHxTxT.astype(jnp.float32)  # fp32 island: the softmax
+    # fp32 island: the scores leave the product in fp32 (a bf16 product would round them to 8
+    # significant bits before the softmax), and the softmax runs on them.
+    scores_BxHxTxT = jnp.einsum(
+        "bhqd,bhkd->bhqk", q_BxHxTxD, k_BxHxTxD, preferred_element_type=jnp.float32
+    )
     causal_TxT = jnp.tril(jnp.ones((t, t), jnp.bool_))
     scores_BxHxTxT = jnp.where(causal_TxT, scores_BxHxTxT, -jnp.inf)
     probs_BxHxTxT = jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(v_BxHxTxD.dtype)
@@ -144,7 +148,9 @@ def _attention_fwd(q, k, v):
 def _attention_bwd(residuals, dy_BxHxTxD):
     q_BxHxTxD, k_BxHxTxD, v_BxHxTxD, probs_BxHxTxT = residuals
     dv_BxHxTxD = jnp.einsum("bhqk,bhqd->bhkd", probs_BxHxTxT, dy_BxHxTxD)
-    dprobs_BxHxTxT = jnp.einsum("bhqd,bhkd->bhqk", dy_BxHxTxD, v_BxHxTxD).astype(jnp.float32)
+    dprobs_BxHxTxT = jnp.einsum(
+        "bhqd,bhkd->bhqk", dy_BxHxTxD, v_BxHxTxD, preferred_element_type=jnp.float32
+    )
     # Masked positions have P = 0, so their score gradient is 0 without the mask.
     probs_f32 = probs_BxHxTxT.astype(jnp.float32)
     rowsum_BxHxTx1 = jnp.sum(probs_f32 * dprobs_BxHxTxT, axis=-1, keepdims=True)
