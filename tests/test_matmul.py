@@ -102,13 +102,20 @@ def test_int8_gradient_is_straight_through():
     assert np.all(np.abs(dw - np.float64(x).T @ g) <= _bound(x.T, g, dx_row.T, zeros_g))
 
 
-@pytest.mark.parametrize("dot", [fp8_dot_general, int8_dot_general])
-def test_non_finite_inputs_reach_the_output(dot):
+def test_non_finite_inputs_reach_the_output():
+    """int8 keeps a bad row to itself (per-row scales); fp8 carries it through its per-tensor
+    scale, so that the dot reads nothing but scaled fp8 codes (the GEMM rewriter's pattern)."""
     x, w = _operands(6)
     x[3, 5] = np.nan
-    y = np.asarray(dot(jnp.asarray(x), jnp.asarray(w), MATMUL))
+    y = np.asarray(int8_dot_general(jnp.asarray(x), jnp.asarray(w), MATMUL))
     assert np.all(np.isnan(y[3]))
     assert np.all(np.isfinite(np.delete(y, 3, axis=0)))
+    for value in (np.nan, np.inf):
+        x[3, 5] = value
+        y, vjp = jax.vjp(lambda a, b: fp8_dot_general(a, b, MATMUL), jnp.asarray(x), w)
+        assert np.all(np.isnan(y))
+        dx, dw = vjp(jnp.ones_like(y).at[0, 0].set(np.inf))  # a bad incoming gradient
+        assert np.all(np.isnan(dx)) and np.all(np.isnan(dw))
 
 
 def test_bf16_operands_keep_their_dtype_and_gradients():

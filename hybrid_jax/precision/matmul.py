@@ -8,8 +8,9 @@ bundled GPT's, Flax's ``nnx.Linear``), configured with :func:`functools.partial`
   scales in the forward pass, and the incoming gradient onto the e5m2 grid in the backward pass
   (the hybrid format of Micikevicius et al. 2022). Products and sums are fp32, as in an fp8 GEMM
   with fp32 accumulation, so on CPU the rounding of a Hopper fp8 GEMM is simulated exactly (up
-  to the order of the sum). The quantize -> dequantize -> dot pattern is the one XLA's GPU
-  compiler rewrites into real fp8 GEMMs.
+  to the order of the sum). Each operand reaches the dot as ``convert(codes) / scale``, the
+  pattern XLA's GPU compiler rewrites into a real fp8 GEMM (``benchmarks/device_check.py``
+  counts them).
 * :func:`fp8_dot_general_delayed`: the same with *delayed* scaling, as Transformer Engine and
   Flax's ``fp8_ops`` do: each scale comes from a history of past amaxes, kept in the train state
   (:func:`fp8_meta`). The new histories come back as the "gradient" of the history argument
@@ -38,7 +39,6 @@ from hybrid_jax.precision.quantize import (
     dequantize,
     quantize,
     quantize_int8_channels,
-    round_trip,
     scale_from_amax,
 )
 
@@ -79,10 +79,18 @@ def _like(x: jax.Array) -> jax.Array:
 
 def _fp8_operand(x, dtype, scale=None):
     """``x`` on the fp8 grid as (codes, scale) for the backward pass and as fp32 values for the
-    product; the values keep ``x``'s non-finite entries (the codes cannot)."""
+    product.
+
+    The values are ``convert(codes) / scale`` and nothing else, the form XLA's GPU GEMM rewriter
+    turns into a cuBLASLt fp8 GEMM (it looks through a divide by a broadcast scale back to the
+    fp8 codes; a select between those values and ``x``, which would keep ``x``'s non-finite
+    entries in place, hides the codes from it and leaves an fp32 dot). A non-finite entry, which
+    the codes cannot hold, instead makes the scale NaN: every value, and so the product, is NaN,
+    and the train step skips the update.
+    """
     q, scale = quantize(x, dtype, scale)
-    value = jnp.where(jnp.isfinite(x), dequantize(q, scale, _F32), x.astype(_F32))
-    return q, scale, value
+    poisoned = jnp.where(jnp.all(jnp.isfinite(x)), scale, jnp.nan)
+    return q, scale, dequantize(q, poisoned, _F32)
 
 
 def _input_grads(residuals, dims, g_f32):
@@ -112,7 +120,7 @@ def _fp8_dot_fwd(lhs, rhs, dims, forward_dtype, backward_dtype, out_dtype):
 
 def _fp8_dot_bwd(dims, forward_dtype, backward_dtype, out_dtype, residuals, g):
     del forward_dtype, out_dtype
-    return _input_grads(residuals, dims, round_trip(g, backward_dtype, _F32))
+    return _input_grads(residuals, dims, _fp8_operand(g, backward_dtype)[2])
 
 
 _fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
@@ -133,8 +141,9 @@ def fp8_dot_general(
     Forward: each operand is scaled so that its largest finite magnitude lands on the format's
     maximum, rounded to ``forward_dtype`` (saturating), and the product is summed in fp32.
     Backward: the incoming gradient is rounded the same way to ``backward_dtype``, and the two
-    input gradients are products of it with the rounded operands, in fp32. Non-finite values
-    pass through, so the train step's finite check still sees them.
+    input gradients are products of it with the rounded operands, in fp32. A non-finite value
+    in an operand (or in the gradient) makes the whole product (or both input gradients) NaN,
+    so the train step's finite check sees it.
 
     Args:
       lhs, rhs: floating operands of one dtype (bf16, f16 or f32).
@@ -217,7 +226,7 @@ def _fp8_dot_delayed_bwd(dims, forward_dtype, backward_dtype, out_dtype, residua
     del forward_dtype, out_dtype
     codes, grad_history, new_meta = residuals
     g_scale, grad_history = _delayed(grad_history, g, backward_dtype)
-    g_f32 = round_trip(g, backward_dtype, _F32, g_scale)
+    g_f32 = _fp8_operand(g, backward_dtype, g_scale)[2]
     d_lhs, d_rhs = _input_grads(codes, dims, g_f32)
     return d_lhs, d_rhs, {**new_meta, "grad": grad_history}
 
