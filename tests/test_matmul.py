@@ -23,7 +23,7 @@ from hybrid_jax.precision.matmul import (
     fp8_meta,
     int8_dot_general,
 )
-from hybrid_jax.precision.quantize import amax_scale
+from hybrid_jax.precision.quantize import amax_scale, dequantize, quantize
 
 MATMUL = (((1,), (0,)), ((), ()))
 K = 48
@@ -147,7 +147,8 @@ def test_delayed_scaling_saturates_values_beyond_the_history():
     w = jnp.eye(2)
     meta = {**fp8_meta(2), "lhs": jnp.array([1.0, 0.5])}  # amax seen so far: 1
     y = fp8_dot_general_delayed(jnp.array([[4.0, 0.5]]), w, MATMUL, meta=meta)
-    np.testing.assert_array_equal(y, [[1.0, 0.5]])  # 4 clips to the history's 1
+    # 4 clips to the history's 1 (to fp32 rounding: the scales divide the summed product)
+    np.testing.assert_allclose(y, [[1.0, 0.5]], rtol=2 * np.finfo(np.float32).eps)
 
 
 def test_dot_general_for_and_bad_input():
@@ -187,3 +188,27 @@ def test_a_matmul_compiles_once_per_shape():
         f(x, w, "int8")
     assert traces == ["e4m3", "int8"]
     assert dtypes.parse_dtype("e4m3") in dtypes.QUANTIZED
+
+
+@pytest.mark.parametrize(
+    "lhs_shape, rhs_shape, dims",
+    [
+        ((5, 3), (5, 4), (((0,), (0,)), ((), ()))),  # contract lhs's first axis (x^T w)
+        ((2, 3, 6), (2, 4, 3), (((1,), (2,)), ((0,), (0,)))),  # a batch axis, rhs transposed
+        ((3, 2, 4), (4, 5, 3), (((0, 2), (2, 0)), ((), ()))),  # two contracted axes, crossed
+    ],
+)
+def test_fp8_gradients_are_products_of_the_codes_for_any_dims(lhs_shape, rhs_shape, dims):
+    """The codes' products (scales divided out after) give the gradients of the dequantized
+    product, for any dimension numbers: fp32 agreement up to summation order and the two
+    divisions (1e-5 relative to the largest entry)."""
+    key_x, key_w, key_g = jax.random.split(jax.random.key(10), 3)
+    x, w = jax.random.normal(key_x, lhs_shape), jax.random.normal(key_w, rhs_shape)
+    y, vjp = jax.vjp(lambda a, b: fp8_dot_general(a, b, dims), x, w)
+    g = jax.random.normal(key_g, y.shape)
+    dequantized = lambda a, dtype: dequantize(*quantize(a, dtype), jnp.float32)
+    reference = lambda a, b: jax.lax.dot_general(a, b, dims, precision="highest")
+    want_y, want_vjp = jax.vjp(reference, dequantized(x, "e4m3"), dequantized(w, "e4m3"))
+    for got, want in zip((y, *vjp(g)), (want_y, *want_vjp(dequantized(g, "e5m2"))), strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))

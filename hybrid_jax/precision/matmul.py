@@ -8,8 +8,8 @@ bundled GPT's, Flax's ``nnx.Linear``), configured with :func:`functools.partial`
   scales in the forward pass, and the incoming gradient onto the e5m2 grid in the backward pass
   (the hybrid format of Micikevicius et al. 2022). Products and sums are fp32, as in an fp8 GEMM
   with fp32 accumulation, so on CPU the rounding of a Hopper fp8 GEMM is simulated exactly (up
-  to the order of the sum). Each operand reaches the dot as ``convert(codes) / scale``, the
-  pattern XLA's GPU compiler rewrites into a real fp8 GEMM (``benchmarks/device_check.py``
+  to the order of the sum). The dot reads the fp8 codes themselves and the scales divide its
+  output, the form XLA's GPU compiler runs as a real fp8 GEMM (``benchmarks/device_check.py``
   counts them).
 * :func:`fp8_dot_general_delayed`: the same with *delayed* scaling, as Transformer Engine and
   Flax's ``fp8_ops`` do: each scale comes from a history of past amaxes, kept in the train state
@@ -68,38 +68,64 @@ def _out_dtype(lhs: jax.Array, rhs: jax.Array, preferred_element_type: Any) -> n
     return np.dtype(lhs.dtype)
 
 
-def _dot_f32(lhs: jax.Array, rhs: jax.Array, dims: DimensionNumbers) -> jax.Array:
-    return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=_F32)
-
-
 def _like(x: jax.Array) -> jax.Array:
     """A zero-size stand-in that carries ``x``'s dtype into a backward pass."""
     return jnp.zeros((0,), x.dtype)
 
 
-def _fp8_operand(x, dtype, scale=None):
-    """``x`` on the fp8 grid as (codes, scale) for the backward pass and as fp32 values for the
-    product.
+def _fp8_codes(x, dtype, scale=None):
+    """``x`` on the fp8 grid: ``(codes, scale, divisor)`` with ``x ≈ codes / scale``.
 
-    The values are ``convert(codes) / scale`` and nothing else, the form XLA's GPU GEMM rewriter
-    turns into a cuBLASLt fp8 GEMM (it looks through a divide by a broadcast scale back to the
-    fp8 codes; a select between those values and ``x``, which would keep ``x``'s non-finite
-    entries in place, hides the codes from it and leaves an fp32 dot). A non-finite entry, which
-    the codes cannot hold, instead makes the scale NaN: every value, and so the product, is NaN,
-    and the train step skips the update.
+    ``divisor`` is ``scale``, or NaN when ``x`` holds a non-finite value, which the codes cannot:
+    a product divided by it is then NaN, and the train step skips the update.
     """
     q, scale = quantize(x, dtype, scale)
-    poisoned = jnp.where(jnp.all(jnp.isfinite(x)), scale, jnp.nan)
-    return q, scale, dequantize(q, poisoned, _F32)
+    return q, scale, jnp.where(jnp.all(jnp.isfinite(x)), scale, jnp.nan)
 
 
-def _input_grads(residuals, dims, g_f32):
-    """The operands' gradients from the kept codes and scales: the fp32 product's VJP at the
-    dequantized operands, cast to the operands' dtypes."""
+def _scaled_dot(a_q, a_divisor, b_q, b_divisor, dims):
+    """The fp32 product of ``a_q / a_divisor`` and ``b_q / b_divisor``: a dot of the fp8 codes
+    themselves, accumulated in fp32, divided by the per-tensor scales after (they commute with
+    the sum).
+
+    This is the form XLA:GPU runs as a cuBLASLt fp8 GEMM: on an H200 (jaxlib 0.11.2,
+    ``benchmarks/device_check.py``) a dot of the codes became ``__cublas$lt$matmul$f8``, while
+    the same product with the codes dequantized before the dot (``convert(q) / scale``, or
+    Flax's ``convert(q) * scale``) stayed an fp32 or bf16 GEMM.
+    """
+    out = jax.lax.dot_general(a_q, b_q, dims, preferred_element_type=_F32)
+    return out / a_divisor / b_divisor
+
+
+def _gradient_dims(dims, lhs_ndim, rhs_ndim):
+    """For ``out = dot_general(lhs, rhs, dims)``: ``(dims, perm)`` of ``d_lhs =
+    dot_general(g, rhs, dims).transpose(perm)`` and of ``d_rhs`` likewise from ``g`` and
+    ``lhs``, so that both gradients are products of the fp8 codes too."""
+    (lc, rc), (lb, rb) = dims
+    lf = [i for i in range(lhs_ndim) if i not in lc and i not in lb]
+    rf = [i for i in range(rhs_ndim) if i not in rc and i not in rb]
+    # g's axes: the batch axes, then lhs's free axes, then rhs's.
+    g_batch = tuple(range(len(lb)))
+    g_lf = tuple(range(len(lb), len(lb) + len(lf)))
+    g_rf = tuple(range(len(lb) + len(lf), len(lb) + len(lf) + len(rf)))
+    # A dot_general's result: batch axes, the first operand's free axes, the second's (in axis
+    # order); each axis of it stands for an axis of the operand whose gradient it is.
+    lhs_src = [*lb, *lf, *(lc[rc.index(r)] for r in sorted(rc))]
+    rhs_src = [*rb, *rf, *(rc[lc.index(c)] for c in sorted(lc))]
+    perm = lambda src: tuple(int(i) for i in np.argsort(src))
+    d_lhs = (((g_rf, tuple(rf)), (g_batch, tuple(rb))), perm(lhs_src))
+    d_rhs = (((g_lf, tuple(lf)), (g_batch, tuple(lb))), perm(rhs_src))
+    return d_lhs, d_rhs
+
+
+def _input_grads(residuals, dims, g, backward_dtype, g_scale=None):
+    """The operands' gradients: ``g`` rounded to ``backward_dtype`` times the kept codes, in
+    fp32 (:func:`_scaled_dot`), cast to the operands' dtypes."""
     lhs_q, lhs_scale, rhs_q, rhs_scale, lhs_like, rhs_like = residuals
-    lhs_f32, rhs_f32 = dequantize(lhs_q, lhs_scale, _F32), dequantize(rhs_q, rhs_scale, _F32)
-    _, vjp = jax.vjp(lambda a, b: _dot_f32(a, b, dims), lhs_f32, rhs_f32)
-    d_lhs, d_rhs = vjp(g_f32)
+    g_q, _, g_divisor = _fp8_codes(g, backward_dtype, g_scale)
+    (lhs_dims, lhs_perm), (rhs_dims, rhs_perm) = _gradient_dims(dims, lhs_q.ndim, rhs_q.ndim)
+    d_lhs = _scaled_dot(g_q, g_divisor, rhs_q, rhs_scale, lhs_dims).transpose(lhs_perm)
+    d_rhs = _scaled_dot(g_q, g_divisor, lhs_q, lhs_scale, rhs_dims).transpose(rhs_perm)
     return d_lhs.astype(lhs_like.dtype), d_rhs.astype(rhs_like.dtype)
 
 
@@ -112,15 +138,15 @@ def _fp8_dot(lhs, rhs, dims, forward_dtype, backward_dtype, out_dtype):
 
 
 def _fp8_dot_fwd(lhs, rhs, dims, forward_dtype, backward_dtype, out_dtype):
-    lhs_q, lhs_scale, lhs_f32 = _fp8_operand(lhs, forward_dtype)
-    rhs_q, rhs_scale, rhs_f32 = _fp8_operand(rhs, forward_dtype)
-    out = _dot_f32(lhs_f32, rhs_f32, dims).astype(out_dtype)
+    lhs_q, lhs_scale, lhs_divisor = _fp8_codes(lhs, forward_dtype)
+    rhs_q, rhs_scale, rhs_divisor = _fp8_codes(rhs, forward_dtype)
+    out = _scaled_dot(lhs_q, lhs_divisor, rhs_q, rhs_divisor, dims).astype(out_dtype)
     return out, (lhs_q, lhs_scale, rhs_q, rhs_scale, _like(lhs), _like(rhs))
 
 
 def _fp8_dot_bwd(dims, forward_dtype, backward_dtype, out_dtype, residuals, g):
     del forward_dtype, out_dtype
-    return _input_grads(residuals, dims, _fp8_operand(g, backward_dtype)[2])
+    return _input_grads(residuals, dims, g, backward_dtype)
 
 
 _fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
@@ -214,9 +240,9 @@ def _fp8_dot_delayed(lhs, rhs, meta, dims, forward_dtype, backward_dtype, out_dt
 def _fp8_dot_delayed_fwd(lhs, rhs, meta, dims, forward_dtype, backward_dtype, out_dtype):
     lhs_scale, lhs_history = _delayed(meta["lhs"], lhs, forward_dtype)
     rhs_scale, rhs_history = _delayed(meta["rhs"], rhs, forward_dtype)
-    lhs_q, lhs_scale, lhs_f32 = _fp8_operand(lhs, forward_dtype, lhs_scale)
-    rhs_q, rhs_scale, rhs_f32 = _fp8_operand(rhs, forward_dtype, rhs_scale)
-    out = _dot_f32(lhs_f32, rhs_f32, dims).astype(out_dtype)
+    lhs_q, lhs_scale, lhs_divisor = _fp8_codes(lhs, forward_dtype, lhs_scale)
+    rhs_q, rhs_scale, rhs_divisor = _fp8_codes(rhs, forward_dtype, rhs_scale)
+    out = _scaled_dot(lhs_q, lhs_divisor, rhs_q, rhs_divisor, dims).astype(out_dtype)
     new_meta = {"lhs": lhs_history, "rhs": rhs_history}
     codes = (lhs_q, lhs_scale, rhs_q, rhs_scale, _like(lhs), _like(rhs))
     return out, (codes, meta["grad"], new_meta)
@@ -226,8 +252,7 @@ def _fp8_dot_delayed_bwd(dims, forward_dtype, backward_dtype, out_dtype, residua
     del forward_dtype, out_dtype
     codes, grad_history, new_meta = residuals
     g_scale, grad_history = _delayed(grad_history, g, backward_dtype)
-    g_f32 = _fp8_operand(g, backward_dtype, g_scale)[2]
-    d_lhs, d_rhs = _input_grads(codes, dims, g_f32)
+    d_lhs, d_rhs = _input_grads(codes, dims, g, backward_dtype, g_scale)
     return d_lhs, d_rhs, {**new_meta, "grad": grad_history}
 
 
@@ -325,8 +350,13 @@ def _int8_dot_fwd(lhs, rhs, dims, out_dtype):
 
 def _int8_dot_bwd(dims, out_dtype, residuals, g):
     del out_dtype
-    # Straight-through: the gradient of the product of the dequantized operands.
-    return _input_grads(residuals, dims, g.astype(_F32))
+    # Straight-through: the fp32 gradient of the product of the dequantized operands.
+    lhs_q, lhs_scale, rhs_q, rhs_scale, lhs_like, rhs_like = residuals
+    lhs_f32, rhs_f32 = dequantize(lhs_q, lhs_scale, _F32), dequantize(rhs_q, rhs_scale, _F32)
+    dot_f32 = lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=_F32)
+    _, vjp = jax.vjp(dot_f32, lhs_f32, rhs_f32)
+    d_lhs, d_rhs = vjp(g.astype(_F32))
+    return d_lhs.astype(lhs_like.dtype), d_rhs.astype(rhs_like.dtype)
 
 
 _int8_dot.defvjp(_int8_dot_fwd, _int8_dot_bwd)
