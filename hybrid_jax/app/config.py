@@ -15,7 +15,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from hybrid_jax.models import ATTENTION, FP8_SCALINGS
@@ -201,15 +200,6 @@ def load_precision(spec: str) -> Policy | PrecisionRules:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{where}: {e}") from e
     return Policy.parse(spec)
-
-
-def uses_fp16(precision: Policy | PrecisionRules) -> bool:
-    if isinstance(precision, Policy):
-        policies = [precision]
-    else:
-        default = [precision.default] if precision.default else []
-        policies = [*(r.value for r in precision.rules), *default]
-    return any(p.compute_dtype == jnp.float16 for p in policies)
 
 
 def build_optimizer(

@@ -19,11 +19,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hybrid_jax import data as data_lib
-from hybrid_jax.app.config import RunConfig, build_optimizer, load_precision, uses_fp16
+from hybrid_jax.app.config import RunConfig, build_optimizer, load_precision
 from hybrid_jax.losses import Weighted, lm_terms
 from hybrid_jax.mixing import EMA
 from hybrid_jax.models import GPT, Fp8Meta, GPTConfig, quantize_matmuls
-from hybrid_jax.precision import DynamicLossScale, NoOpLossScale
+from hybrid_jax.precision import DynamicLossScale, NoOpLossScale, computes_in
 from hybrid_jax.train import (
     TrainState,
     batch_parts,
@@ -65,7 +65,7 @@ class Run:
 
     config: RunConfig
     precision_reason: str
-    tokenizer: data_lib.CharTokenizer
+    tokenizer: data_lib.CharTokenizer | None
     graphdef: nnx.GraphDef
     state: TrainState
     step: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]
@@ -152,7 +152,7 @@ def build(config: RunConfig, *, abstract: bool = False) -> Run:
 
     weighting = Weighted({"lm": 1.0, "z_loss": config.z_loss_weight})
     dynamic = config.loss_scale == "dynamic" or (
-        config.loss_scale == "auto" and uses_fp16(precision)
+        config.loss_scale == "auto" and computes_in(cast_plan, jnp.float16)
     )
     loss_scale = DynamicLossScale(2.0**15) if dynamic else NoOpLossScale()
     tx = build_optimizer(config, precision)

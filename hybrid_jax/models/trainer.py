@@ -23,7 +23,7 @@ from hybrid_jax.mixing import EMA
 from hybrid_jax.models.matmuls import Fp8Meta, quantize_matmuls
 from hybrid_jax.optim import with_precision
 from hybrid_jax.precision import DynamicLossScale, LossScale, NoOpLossScale
-from hybrid_jax.precision.rules import Precision, policies_with_paths
+from hybrid_jax.precision.rules import Precision, computes_in
 from hybrid_jax.train import TrainState, make_eval_step, make_train_step
 
 LossFn = Callable[[nnx.Module, Any], "jax.Array | dict[str, jax.Array]"]
@@ -100,7 +100,7 @@ class Trainer:
         # Anything else (constant buffers) rides along as it is.
         graphdef, params, fp8_meta, rest = nnx.split(model, nnx.Param, Fp8Meta, ...)
         if loss_scale is None:
-            fp16 = any(p.compute_dtype == jnp.float16 for _, p in policies_with_paths(self.plan))
+            fp16 = computes_in(self.plan, jnp.float16)
             loss_scale = DynamicLossScale(2.0**15) if fp16 else NoOpLossScale()
         optimizer = with_precision(optimizer, precision, seed=seed)
 

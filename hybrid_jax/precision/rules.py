@@ -160,6 +160,17 @@ def policies_with_paths(plan_tree: Any) -> list[tuple[str, Policy]]:
     return [(tree_lib.path_str(keypath), policy) for keypath, policy in flat]
 
 
+def computes_in(plan_tree: Any, dtype: Any) -> bool:
+    """Whether a leaf of a plan (a tree of ``Policy``) computes in ``dtype``, e.g. whether a
+    model needs a loss scale (fp16).
+
+    Examples:
+      >>> computes_in(plan({"w": jnp.ones(2)}, "fp16-mixed"), jnp.float16)
+      True
+    """
+    return any(p.compute_dtype == np.dtype(dtype) for _, p in policies_with_paths(plan_tree))
+
+
 def _cast(tree: T, precision: Precision, field: str) -> T:
     storage = field == "param_dtype"
     if isinstance(precision, (Policy, str)):
